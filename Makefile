@@ -1,0 +1,28 @@
+# Two commands do everything on a fresh machine:  `make run`  and  `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PORT ?= 7860
+MODEL ?=
+ARGS ?=
+
+.PHONY: run test install e2e bench bench-quality clean
+
+$(STAMP): pyproject.toml scripts/install.sh
+	bash scripts/install.sh $(VENV)
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/python app.py --port $(PORT) $(if $(MODEL),--model $(MODEL)) $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q $(ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python bench/train_speed.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache
