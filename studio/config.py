@@ -78,6 +78,7 @@ class TrainConfig:
     checkpoint_every: int = _f(0, "Save a resumable checkpoint every N steps (0: only when stopped or at the end).", advanced=True)
     sample_every: int = _f(0, "Render a sample image every N steps (0: off).", advanced=True)
     sample_prompt: str = _f("", "Prompt of the samples; empty uses the instance prompt.", advanced=True)
+    sample_steps: int = _f(20, "Denoising steps of the sample and preview images.", advanced=True)
     recommended_weight: float = _f(1.0, "Weight recommended to users of this LoRA (stored in the file).", advanced=True)
     resume: bool = _f(False, "Continue from the last checkpoint of this LoRA name.", ui=False)
 

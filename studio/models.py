@@ -74,10 +74,8 @@ def pick_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -> 
 def load_tokenizer(pad_token: str = "<|endoftext|>"):
     from transformers import CLIPTokenizer
 
-    return CLIPTokenizer(
-        vocab_file=str(TOKENIZER_DIR / "vocab.json"), merges_file=str(TOKENIZER_DIR / "merges.txt"),
-        pad_token=pad_token, model_max_length=77,
-    )
+    # from_pretrained on the folder: transformers 5 ignores vocab_file=/merges_file= keyword arguments
+    return CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR), pad_token=pad_token, model_max_length=77)
 
 
 def _read_json(path: Path) -> dict:

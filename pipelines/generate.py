@@ -1,0 +1,201 @@
+"""Text-to-image with a stack of LoRAs, optional DECOR projection, seeds and PNG metadata.
+
+LoRAs are attached as named PEFT adapters with linear weights (``pipe.set_adapters``); the pipeline is left clean
+afterwards (adapters deleted, DECOR off) even when generation fails. Images are written as PNG with their
+parameters in a ``parameters`` text chunk (A1111 style) and a ``studio`` JSON chunk.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import PngImagePlugin
+
+from studio import lora_io
+from studio.config import SEED_MAX, GenerateConfig, to_dict
+from studio.errors import CancelledError, InputError, LoraFormatError
+from studio.library import Workspace
+from studio.models import architecture, default_resolution
+
+
+@dataclass
+class LoraRef:
+    path: Path
+    weight: float = 1.0
+    name: str = ""
+
+    @property
+    def adapter(self) -> str:
+        return self.name or self.path.stem
+
+
+@dataclass
+class GenerateResult:
+    paths: list[Path]
+    seed: int
+    images: list = field(default_factory=list)
+    params: dict = field(default_factory=dict)
+
+
+def parse_lora_arg(arg: str, ws: Workspace) -> LoraRef:
+    """``NAME_OR_PATH[:WEIGHT]`` -> LoraRef (the weight is linear: it scales the LoRA's delta W)."""
+    ref, weight = arg, 1.0
+    head, sep, tail = arg.rpartition(":")
+    if sep and head:
+        try:
+            weight = float(tail)
+            ref = head
+        except ValueError:
+            ref = arg
+    path = ws.resolve_lora(ref)
+    return LoraRef(path, weight, Path(ref).stem if "/" in ref else ref.removesuffix(".safetensors"))
+
+
+def _adapter_name(ref: LoraRef, used: set[str]) -> str:
+    base = "".join(c if c.isalnum() or c == "_" else "_" for c in ref.adapter) or "lora"
+    name, i = base, 1
+    while name in used:
+        i += 1
+        name = f"{base}_{i}"
+    used.add(name)
+    return name
+
+
+@contextmanager
+def lora_stack(pipe, loras: list[LoraRef]):
+    """Attach ``loras`` as named adapters with their weights; always remove them afterwards."""
+    names: list[str] = []
+    used: set[str] = set()
+    try:
+        for ref in loras:
+            lora_io.check_compatible(pipe, ref.path)
+            name = _adapter_name(ref, used)
+            try:
+                pipe.load_lora_weights(str(ref.path), adapter_name=name)
+            except Exception as exc:  # noqa: BLE001 - diffusers raises many types for malformed files
+                raise LoraFormatError(f"Could not load {ref.path.name} as a LoRA: {exc}") from exc
+            names.append(name)
+        if names:
+            pipe.set_adapters(names, adapter_weights=[r.weight for r in loras])
+        yield names
+    finally:
+        if names:
+            pipe.delete_adapters(names)
+
+
+def lora_entries(loras: list[LoraRef]) -> list[dict]:
+    return [{"name": r.adapter, "sha256": lora_io.file_hash(r.path), "weight": r.weight} for r in loras]
+
+
+def resolve_seed(seed: int) -> int:
+    return random.SystemRandom().randint(0, SEED_MAX) if seed is None or seed < 0 else int(seed)
+
+
+def png_info(params: dict) -> PngImagePlugin.PngInfo:
+    info = PngImagePlugin.PngInfo()
+    loras = ", ".join(f"{x['name']}: {x['sha256']} @ {x['weight']}" for x in params.get("loras", []))
+    text = (
+        f"{params['prompt']}\nNegative prompt: {params.get('negative_prompt', '')}\n"
+        f"Steps: {params['steps']}, CFG scale: {params['guidance']}, Seed: {params['seed']}, "
+        f"Size: {params['width']}x{params['height']}, Model: {params['model']}"
+        + (f", Lora hashes: \"{loras}\"" if loras else "")
+    )
+    info.add_text("parameters", text)
+    info.add_text("studio", json.dumps(params, sort_keys=True, default=str))
+    return info
+
+
+def save_png(img, path: Path, params: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    img.save(tmp, format="PNG", pnginfo=png_info(params))
+    tmp.replace(path)
+    return path
+
+
+def read_png_params(path: Path) -> dict:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return json.loads(im.text.get("studio", "{}"))
+
+
+def _stop_callback(stop: threading.Event | None, progress=None, total: int = 0):
+    def cb(pipe, step, timestep, kwargs):
+        if progress is not None:
+            progress(step + 1, total)
+        if stop is not None and stop.is_set():
+            pipe._interrupt = True
+        return kwargs
+
+    return cb
+
+
+def encode_with_decor(pipe, cfg: GenerateConfig, device) -> dict:
+    """Prompt embeddings for the pipeline call, with DECOR applied to the conditional ones when asked."""
+    from studio.decor import DecorSpec, apply_decor_with_pipeline
+
+    spec = DecorSpec(remove=cfg.decor_remove, strength=cfg.decor_strength, components=cfg.decor_components)
+    prompts = [cfg.prompt]
+    if architecture(pipe) == "sdxl":
+        emb, neg, pooled, neg_pooled = pipe.encode_prompt(
+            cfg.prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=cfg.guidance > 1,
+            negative_prompt=cfg.negative_prompt or None,
+        )
+        emb, pooled = apply_decor_with_pipeline(pipe, spec, prompts, emb, pooled)
+        out = {"prompt_embeds": emb, "pooled_prompt_embeds": pooled}
+        if cfg.guidance > 1:
+            out.update(negative_prompt_embeds=neg, negative_pooled_prompt_embeds=neg_pooled)
+        return out
+    emb, neg = pipe.encode_prompt(cfg.prompt, device, 1, cfg.guidance > 1, negative_prompt=cfg.negative_prompt or None)
+    emb, _ = apply_decor_with_pipeline(pipe, spec, prompts, emb, None)
+    out = {"prompt_embeds": emb}
+    if cfg.guidance > 1:
+        out["negative_prompt_embeds"] = neg
+    return out
+
+
+@torch.no_grad()
+def generate(pipe, cfg: GenerateConfig, loras: list[LoraRef] = (), ws: Workspace | None = None, *,
+             stop: threading.Event | None = None, progress=None, save: bool = True) -> GenerateResult:
+    """Generate ``cfg.batch`` images. Returns saved PNG paths (when ``ws``) and the used seed."""
+    seed = resolve_seed(cfg.seed)
+    res = default_resolution(pipe)
+    width, height = cfg.width or res, cfg.height or res
+    if width % pipe.vae_scale_factor or height % pipe.vae_scale_factor:
+        raise InputError(f"width and height must be multiples of {pipe.vae_scale_factor} for this model.")
+    device = pipe._execution_device
+    gen = torch.Generator("cpu").manual_seed(seed)
+    params = {
+        "prompt": cfg.prompt, "negative_prompt": cfg.negative_prompt, "seed": seed, "steps": cfg.steps,
+        "guidance": cfg.guidance, "width": width, "height": height, "model": getattr(pipe, "studio_ref", cfg.model),
+        "loras": lora_entries(loras), "config": {**to_dict(cfg), "seed": seed},
+    }
+    loras = list(loras)
+    with lora_stack(pipe, loras):
+        if cfg.decor_remove.strip():
+            call = encode_with_decor(pipe, cfg, device)
+            params["decor"] = {"remove": cfg.decor_remove, "strength": cfg.decor_strength, "components": cfg.decor_components}
+        else:
+            call = {"prompt": cfg.prompt, "negative_prompt": cfg.negative_prompt or None}
+        out = pipe(
+            **call, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance, width=width, height=height,
+            num_images_per_prompt=cfg.batch, generator=gen,
+            callback_on_step_end=_stop_callback(stop, progress, cfg.steps),
+        )
+    if stop is not None and stop.is_set():
+        raise CancelledError("Generation stopped.")
+    images = out.images
+    paths = []
+    if save and ws is not None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for i, img in enumerate(images):
+            paths.append(save_png(img, ws.outputs / f"{stamp}-{seed}-{i}.png", {**params, "index": i}))
+    return GenerateResult(paths, seed, images, params)

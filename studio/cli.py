@@ -1,0 +1,195 @@
+"""The ``studio`` command: train, generate, lora (inspect/convert), decor analyze, serve.
+
+Flags of ``train`` and ``generate`` are derived from the typed configs in ``studio/config.py`` (and each
+recipe's own config class), so ``--help`` always matches what the UI shows and what is saved in the files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .config import GenerateConfig, add_config_args, config_from_args
+from .errors import StudioError
+
+
+def _print_event(event: dict) -> None:
+    kind = event.get("type")
+    if kind == "step":
+        total, step = event["total"], event["step"]
+        if step == 1 or step == total or step % max(1, total // 20) == 0:
+            print(f"step {step}/{total}  loss {event['loss']:.4f}  {event['it_s']:.2f} it/s  ETA {event['eta_s']:.0f}s", flush=True)
+    elif kind == "phase":
+        print(f"[{event['phase']}] {event.get('detail', '')}", flush=True)
+    elif kind in ("sample", "checkpoint"):
+        print(f"{kind} at step {event['step']}: {event['path']}", flush=True)
+    elif kind in ("done", "cancelled", "saved"):
+        print(f"{kind}: " + ", ".join(event.get("outputs", [])), flush=True)
+    elif kind == "failed":
+        print(f"failed: {event['error']}", file=sys.stderr, flush=True)
+
+
+def _workspace(args):
+    from .library import Workspace
+
+    return Workspace(args.workspace)
+
+
+def cmd_train(args) -> int:
+    import signal
+
+    from trainers.loop import Controls, run_safely, train
+    from trainers.recipes import get_recipe
+
+    recipe = get_recipe(args.method)
+    cfg = config_from_args(recipe.config_cls, args)
+    ws = _workspace(args)
+    controls = Controls()
+    signal.signal(signal.SIGINT, lambda *_: controls.stop.set())  # Ctrl+C: stop and save what we have
+    result = run_safely(lambda: train(cfg, recipe, ws, events=_print_event, controls=controls), None)
+    print(json.dumps({"status": result.status, "step": result.step, "outputs": [str(p) for p in result.outputs]}))
+    return 0 if result.status == "succeeded" else 130
+
+
+def cmd_generate(args) -> int:
+    from pipelines.generate import generate, parse_lora_arg
+
+    from .models import load_pipeline
+
+    cfg = config_from_args(GenerateConfig, args)
+    ws = _workspace(args)
+    loras = [parse_lora_arg(x, ws) for x in cfg.loras]
+    pipe = load_pipeline(cfg.model, device=args.device)
+    result = generate(pipe, cfg, loras, ws)
+    for p in result.paths:
+        print(p)
+    print(f"seed: {result.seed}")
+    return 0
+
+
+def cmd_lora(args) -> int:
+    from . import lora_io
+
+    if args.lora_cmd == "inspect":
+        info = lora_io.inspect(Path(args.file))
+        if args.json:
+            print(json.dumps(info, indent=2))
+        else:
+            for k in ("file", "format", "architecture", "method", "trigger", "ranks", "tensors", "components", "sha256"):
+                print(f"{k:>13}: {info[k]}")
+            for k, v in sorted(info["metadata"].items()):
+                if k != "studio.config":
+                    print(f"{k:>13}: {v}" if len(k) <= 13 else f"  {k} = {v}")
+    elif args.lora_cmd == "convert":
+        out = lora_io.convert(Path(args.src), Path(args.dst), args.to)
+        print(out)
+    return 0
+
+
+def cmd_decor(args) -> int:
+    from .decor import analyze, decor_basis, encode_for_decor, rows_mask
+    from .models import load_pipeline
+
+    pipe = load_pipeline(args.model, device=args.device)
+    enc = encode_for_decor(pipe, args.prompt)
+    bases = None
+    if args.remove:
+        rem = encode_for_decor(pipe, args.remove)
+        mask = rows_mask(rem.kinds[0], "all-but-bos")
+        widths = rem.encoder_widths or [rem.embeds.shape[-1]]
+        bases, start = [], 0
+        for w in widths:
+            block = rem.embeds[0, :, start:start + w]
+            k = min(args.components, int(mask.sum()))
+            bases.append(decor_basis(block, k, mask))
+            start += w
+    result = analyze(enc.embeds, enc.kinds[0], enc.tokens, args.components, encoder_widths=enc.encoder_widths,
+                     remove_bases=bases, prompt=args.prompt)
+    print(result.to_table())
+    if args.plot:
+        result.save_plot(Path(args.plot))
+        print(f"plot: {args.plot}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from app import main as app_main
+
+    argv = ["--model", args.model, "--port", str(args.port), "--workspace", args.workspace or "workspace"]
+    if args.auth:
+        argv += ["--auth", args.auth]
+    return app_main(argv)
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    from trainers.recipes import RECIPES
+
+    p = argparse.ArgumentParser(prog="studio", description="Customization Studio: train and compose LoRAs.")
+    p.add_argument("--workspace", default=None, help="Workspace folder (default: $STUDIO_WORKSPACE or ./workspace).")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    t = sub.add_parser("train", help="Train a LoRA from a folder of images.")
+    t.add_argument("--method", default="dreambooth", choices=sorted(RECIPES), help="Training method.")
+    method = _peek_method(sys.argv if argv is None else argv)
+    add_config_args(t, RECIPES.get(method, RECIPES["dreambooth"]).config_cls, skip=("method",))
+    t.set_defaults(fn=cmd_train)
+
+    g = sub.add_parser("generate", help="Generate images, optionally with LoRAs.")
+    add_config_args(g, GenerateConfig)
+    g.add_argument("--lora", dest="loras", action="append", default=None, help="LoRA as NAME_OR_PATH[:WEIGHT]; repeat for several.")
+    g.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available).")
+    g.set_defaults(fn=cmd_generate)
+
+    lo = sub.add_parser("lora", help="Inspect or convert LoRA files.")
+    lsub = lo.add_subparsers(dest="lora_cmd", required=True)
+    li = lsub.add_parser("inspect", help="Show a LoRA file's format, architecture, ranks and metadata.")
+    li.add_argument("file")
+    li.add_argument("--json", action="store_true")
+    lc = lsub.add_parser("convert", help="Convert between diffusers/PEFT and kohya/A1111/ComfyUI formats.")
+    lc.add_argument("src")
+    lc.add_argument("dst")
+    lc.add_argument("--to", choices=["kohya", "diffusers"], required=True)
+    lo.set_defaults(fn=cmd_lora)
+
+    d = sub.add_parser("decor", help="DECOR tools.")
+    dsub = d.add_subparsers(dest="decor_cmd", required=True)
+    da = dsub.add_parser("analyze", help="Singular values of a prompt's embedding and per-token shares of the top components.")
+    da.add_argument("prompt")
+    da.add_argument("--remove", default="", help="Also show how much of each row a projection of this text would remove.")
+    da.add_argument("--components", type=int, default=8)
+    da.add_argument("--model", default="tiny-sdxl")
+    da.add_argument("--device", default=None)
+    da.add_argument("--plot", default="", help="Write a PNG plot here.")
+    d.set_defaults(fn=cmd_decor)
+
+    s = sub.add_parser("serve", help="Launch the studio web UI (same as app.py).")
+    s.add_argument("--model", default=None)
+    s.add_argument("--port", type=int, default=7860)
+    s.add_argument("--auth", default=None, help="user:password")
+    s.set_defaults(fn=cmd_serve)
+    return p
+
+
+def _peek_method(argv: list[str]) -> str:
+    for i, a in enumerate(argv):
+        if a == "--method" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--method="):
+            return a.split("=", 1)[1]
+    return "dreambooth"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    try:
+        return args.fn(args) or 0
+    except StudioError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
