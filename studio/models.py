@@ -267,3 +267,23 @@ def _from_pretrained(ref: str, dtype: torch.dtype, local: bool):
     if getattr(pipe, "safety_checker", None) is not None:
         pipe.safety_checker = None
     return pipe
+
+
+def peek_architecture(ref: str) -> str | None:
+    """The architecture of a model reference without loading weights (None when only loading would tell)."""
+    path = Path(os.path.expanduser(ref))
+    folder = None
+    if ref in BUNDLED_RANDOM:
+        folder = ASSETS / BUNDLED_RANDOM[ref]
+    elif ref in BUNDLED_TRAINED:
+        folder = ASSETS / BUNDLED_TRAINED[ref]
+    elif path.is_dir():
+        folder = path
+    elif path.is_file():
+        try:
+            return detect_checkpoint_architecture(path)
+        except ModelError:
+            return None
+    if folder is not None and (folder / "model_index.json").is_file():
+        return ARCH_SDXL if _read_json(folder / "model_index.json")["_class_name"] == "StableDiffusionXLPipeline" else ARCH_SD15
+    return None
