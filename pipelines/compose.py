@@ -1,0 +1,244 @@
+"""Multi-LoRA composition: one entry point, three engines.
+
+``compose(pipe, spec, ws)`` dispatches a ``studio.composition.CompositionSpec`` to
+
+* ``merge``: the weighted sum of all adapters (exact: every PEFT LoRA layer computes W₀x + Σᵢ wᵢ·sᵢ·BᵢAᵢx), run
+  through ``pipelines.generate`` — the fast default;
+* ``composer``: LoRA-Composer (Yang et al. 2024, arXiv 2403.11627), see ``pipelines/composer.py``;
+* ``clora``: CLoRA (Meral et al. 2024, arXiv 2403.19776), see ``pipelines/clora.py``.
+
+This module also holds the small denoising toolkit the two regional engines share (``Sampler``: prompt encoding
+per adapter, latents, the UNet call with SDXL's extra conditioning, the scheduler step, VAE decoding — the same
+operations, in the same order, as diffusers' StableDiffusion(XL)Pipeline.__call__), and ``engine_session``, which
+loads the LoRAs and puts every change to the pipeline (adapters, fused global LoRAs, routing hooks, attention
+processors) under one ``finally``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from pipelines.generate import LoraRef, generate, lora_entries, lora_stack, resolve_seed, save_png
+from studio.attention import adapter_routing, fused_adapters, saved_processors
+from studio.composition import CompositionSpec, ResolvedSpec, resolve
+from studio.config import GenerateConfig
+from studio.errors import CancelledError
+from studio.models import architecture
+
+
+@dataclass
+class ComposeResult:
+    paths: list[Path]
+    seed: int
+    images: list = field(default_factory=list)
+    params: dict = field(default_factory=dict)
+    masks: list | None = None  # clora: one PIL mask per pass (base first), at image size, for previews
+    stats: dict = field(default_factory=dict)  # unet_evals (sample-evaluations, backward = 2), seconds, steps
+
+
+def compose(pipe, spec: CompositionSpec, ws=None, stop: threading.Event | None = None, progress=None,
+            save: bool = True) -> ComposeResult:
+    """Generate one image from ``spec``. ``progress(step, total)`` is called every step; setting ``stop`` ends the
+    run at the next step with ``CancelledError``. The pipeline is left as it was, also on errors."""
+    rs = resolve(spec, pipe, ws)
+    seed = resolve_seed(spec.seed)
+    t0 = time.perf_counter()
+    if spec.engine == "merge":
+        result = _merge(pipe, rs, seed, stop, progress)
+    elif spec.engine == "composer":
+        from pipelines.composer import run_composer
+
+        result = run_composer(pipe, rs, seed, stop=stop, progress=progress)
+    else:
+        from pipelines.clora import run_clora
+
+        result = run_clora(pipe, rs, seed, stop=stop, progress=progress)
+    result.stats["seconds"] = time.perf_counter() - t0
+    result.params = _params(pipe, rs, seed)
+    if save and ws is not None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        result.paths = [save_png(img, ws.outputs / f"{stamp}-{seed}-compose-{spec.engine}-{i}.png", {**result.params, "index": i})
+                        for i, img in enumerate(result.images)]
+    return result
+
+
+def _refs(rs: ResolvedSpec) -> tuple[list[LoraRef], list[LoraRef]]:
+    concepts = [LoraRef(p, c.weight, f"c{i}_{p.stem}") for i, (c, p) in enumerate(zip(rs.spec.concepts, rs.concept_paths))]
+    globals_ = [LoraRef(p, g.weight, f"g{i}_{p.stem}") for i, (g, p) in enumerate(zip(rs.spec.global_loras, rs.global_paths))]
+    return concepts, globals_
+
+
+def _params(pipe, rs: ResolvedSpec, seed: int) -> dict:
+    s = rs.spec
+    concepts, globals_ = _refs(rs)
+    return {
+        "prompt": s.prompt, "negative_prompt": s.negative_prompt, "seed": seed, "steps": s.steps, "guidance": s.guidance,
+        "width": rs.width, "height": rs.height, "model": getattr(pipe, "studio_ref", s.model), "engine": s.engine,
+        "loras": lora_entries(concepts + globals_), "composition": {**s.to_dict(), "seed": seed},
+    }
+
+
+def _merge(pipe, rs: ResolvedSpec, seed: int, stop, progress) -> ComposeResult:
+    s = rs.spec
+    concepts, globals_ = _refs(rs)
+    cfg = GenerateConfig(prompt=s.prompt, negative_prompt=s.negative_prompt, seed=seed, steps=s.steps, guidance=s.guidance,
+                         width=rs.width, height=rs.height, model=getattr(pipe, "studio_ref", s.model or "tiny-sdxl"))
+    out = generate(pipe, cfg, concepts + globals_, None, stop=stop, progress=progress, save=False)
+    cfg_mult = 2 if s.guidance > 1 else 1
+    return ComposeResult([], seed, out.images, stats={"unet_evals": cfg_mult * s.steps, "steps": s.steps})
+
+
+# ====================================================================================================== shared toolkit
+@dataclass
+class Session:
+    """LoRAs loaded for a regional engine. ``concepts[i]``/``globals`` are PEFT adapter names."""
+
+    concepts: list[str]
+    globals: list[str]
+    unet_router: object
+    te_routers: list
+
+
+@contextmanager
+def engine_session(pipe, rs: ResolvedSpec, routed: bool = True):
+    """Load every LoRA as a named adapter; with ``routed``: fuse the global LoRAs into the base weights of the UNet and
+    text encoders and route one adapter per sample. Everything is undone on exit (also on errors)."""
+    concepts, globals_ = _refs(rs)
+    with ExitStack() as stack:
+        stack.enter_context(saved_processors(pipe.unet))
+        names = stack.enter_context(lora_stack(pipe, concepts + globals_))
+        c_names, g_names = names[:len(concepts)], names[len(concepts):]
+        encoders = [m for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None]
+        if routed:
+            for m in [pipe.unet, *encoders]:
+                stack.enter_context(fused_adapters(m, g_names))
+            unet_router = stack.enter_context(adapter_routing(pipe.unet))
+            te_routers = [stack.enter_context(adapter_routing(m)) for m in encoders]
+        else:
+            unet_router, te_routers = None, []
+        yield Session(c_names, g_names, unet_router, te_routers)
+
+
+@dataclass
+class Cond:
+    """Prompt conditioning of one pass: rows [negative, positive] (or [positive] without CFG)."""
+
+    emb: torch.Tensor
+    text_embeds: torch.Tensor | None = None  # SDXL pooled
+    time_ids: torch.Tensor | None = None
+
+
+class Sampler:
+    """The pieces of diffusers' SD/SDXL ``__call__`` the regional engines re-assemble."""
+
+    def __init__(self, pipe, width: int, height: int, steps: int, guidance: float, seed: int):
+        self.pipe, self.width, self.height, self.steps, self.guidance = pipe, width, height, steps, guidance
+        self.device = pipe._execution_device
+        self.dtype = pipe.unet.dtype
+        self.xl = architecture(pipe) == "sdxl"
+        self.cfg = guidance > 1
+        self.gen = torch.Generator("cpu").manual_seed(seed)
+        self.evals = 0.0
+
+    # -------------------------------------------------------------------------------------------- prompts
+    def encode(self, prompt: str, negative: str, session: Session | None = None, adapter: str | None = None) -> Cond:
+        """Encode with the text-encoder LoRA of ``adapter`` (None/"__base__": no concept LoRA; globals are fused)."""
+        if session is not None:
+            for r in session.te_routers:
+                r.names = [adapter or "__base__"]
+        try:
+            pipe = self.pipe
+            if self.xl:
+                emb, neg, pooled, neg_pooled = pipe.encode_prompt(
+                    prompt=prompt, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=self.cfg,
+                    negative_prompt=negative or None)
+                proj = pipe.text_encoder_2.config.projection_dim
+                tid = pipe._get_add_time_ids((self.height, self.width), (0, 0), (self.height, self.width), dtype=emb.dtype,
+                                             text_encoder_projection_dim=proj).to(self.device)
+                if self.cfg:
+                    return Cond(torch.cat([neg, emb]), torch.cat([neg_pooled, pooled]), torch.cat([tid, tid]))
+                return Cond(emb, pooled, tid)
+            emb, neg = pipe.encode_prompt(prompt, self.device, 1, self.cfg, negative_prompt=negative or None)
+            return Cond(torch.cat([neg, emb]) if self.cfg else emb)
+        finally:
+            if session is not None:
+                for r in session.te_routers:
+                    r.names = None
+
+    # -------------------------------------------------------------------------------------------- sampling
+    def latents(self) -> torch.Tensor:
+        pipe = self.pipe
+        lat = pipe.prepare_latents(1, pipe.unet.config.in_channels, self.height, self.width, self.dtype, self.device,
+                                   self.gen, None)
+        return lat
+
+    def timesteps(self) -> torch.Tensor:
+        self.pipe.scheduler.set_timesteps(self.steps, device=self.device)
+        return self.pipe.scheduler.timesteps
+
+    def unet(self, latents: torch.Tensor, t, conds: list[Cond]) -> torch.Tensor:
+        """One UNet call on ``latents`` (already batched to match the concatenated ``conds`` rows)."""
+        emb = torch.cat([c.emb for c in conds])
+        added = None
+        if self.xl:
+            added = {"text_embeds": torch.cat([c.text_embeds for c in conds]), "time_ids": torch.cat([c.time_ids for c in conds])}
+        sample = self.pipe.scheduler.scale_model_input(latents, t)
+        self.evals += latents.shape[0] * (3 if torch.is_grad_enabled() and latents.requires_grad else 1)
+        return self.pipe.unet(sample, t, encoder_hidden_states=emb, added_cond_kwargs=added, return_dict=False)[0]
+
+    def guide(self, noise: torch.Tensor) -> torch.Tensor:
+        if not self.cfg:
+            return noise
+        uncond, text = noise.chunk(2)
+        return uncond + self.guidance * (text - uncond)
+
+    def step(self, noise: torch.Tensor, t, latents: torch.Tensor) -> torch.Tensor:
+        kw = self.pipe.prepare_extra_step_kwargs(self.gen, 0.0)
+        return self.pipe.scheduler.step(noise, t, latents, **kw, return_dict=False)[0]
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> list:
+        pipe = self.pipe
+        vae = pipe.vae
+        upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+        if upcast:
+            pipe.upcast_vae()
+        lat = latents.to(next(iter(vae.post_quant_conv.parameters())).dtype)
+        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+        if self.xl and mean is not None and std is not None:
+            mean = torch.tensor(mean).view(1, 4, 1, 1).to(lat)
+            std = torch.tensor(std).view(1, 4, 1, 1).to(lat)
+            lat = lat * std / vae.config.scaling_factor + mean
+        else:
+            lat = lat / vae.config.scaling_factor
+        image = vae.decode(lat, return_dict=False)[0]
+        if upcast:
+            vae.to(dtype=torch.float16)
+        return pipe.image_processor.postprocess(image.detach(), output_type="pil")
+
+
+def check_stop(stop, progress, step: int, total: int) -> None:
+    if progress is not None:
+        progress(step, total)
+    if stop is not None and stop.is_set():
+        raise CancelledError("Composition stopped.")
+
+
+def latent_masks(rs: ResolvedSpec, latent_hw: tuple[int, int]) -> torch.Tensor | None:
+    """Region masks (n, h, w) at latent resolution (area-averaged, ≥ 0.5)."""
+    import torch.nn.functional as F
+
+    if rs.masks is None:
+        return None
+    soft = F.interpolate(rs.masks[None], size=latent_hw, mode="area")[0]
+    hard = (soft >= 0.5).float()
+    for i in range(len(hard)):
+        if rs.has_region[i] and hard[i].sum() == 0:
+            hard[i].view(-1)[soft[i].argmax()] = 1.0
+    return hard

@@ -1,0 +1,301 @@
+"""Attention machinery shared by the composition engines (LoRA-Composer, CLoRA).
+
+* ``StudioAttnProcessor``: one processor for ``attn1``/``attn2`` of the UNet that can
+  - capture head-averaged attention probabilities at one spatial resolution (cross-attention maps for CLoRA and the
+    LoRA-Composer losses, self-attention maps for its region loss), keeping the autograd graph when asked;
+  - add the LoRA-Composer concept-isolation bias to self-attention: a query pixel inside concept k's region gets
+    −10⁶ on every key inside another concept's region (Yang et al. 2024, "LoRA-Composer", Concept Isolation);
+  - replace the cross-attention output inside each concept's region by that concept's own attention: keys, values and
+    output projection through the concept's LoRA adapter on the concept's prompt, the query from the base model
+    (LoRA-Composer, region-aware LoRA injection); overlapping regions are averaged.
+  Layers without these jobs keep PyTorch SDPA; capturing layers run eager attention.
+* ``saved_processors(unet)``: save ``unet.attn_processors`` and restore them on exit, also on exceptions.
+* ``adapter_routing(unet)``: per-sample PEFT adapters in one batch (``adapter_names=`` of PEFT LoRA layers, injected by
+  forward pre-hooks, the mechanism PEFT itself uses); ``"__base__"`` means no adapter.
+* ``fused_adapters(unet, names)``: add adapters' ΔW into the base weights (for LoRAs that apply everywhere, so each
+  sample still needs only one routed adapter); the exact original weights are restored on exit.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+BASE = "__base__"
+
+
+# ------------------------------------------------------------------------------------------------------ state helpers
+@contextmanager
+def saved_processors(unet):
+    """Restore the UNet's attention processors on exit (normal return or exception)."""
+    saved = dict(unet.attn_processors)
+    try:
+        yield saved
+    finally:
+        unet.set_attn_processor(saved)
+
+
+def _tuner_layers(model):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+
+
+class Router:
+    """Which adapter each sample of the next UNet call uses (``None``: PEFT's normal active adapters)."""
+
+    def __init__(self):
+        self.names: list[str] | None = None
+
+
+@contextmanager
+def adapter_routing(unet):
+    router = Router()
+    handles = []
+
+    def hook(module, args, kwargs):
+        if router.names is not None and "adapter_names" not in kwargs:
+            kwargs = {**kwargs, "adapter_names": router.names}
+        return args, kwargs
+
+    try:
+        for _, m in _tuner_layers(unet):
+            handles.append(m.register_forward_pre_hook(hook, with_kwargs=True))
+        yield router
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def fused_adapters(unet, names: list[str]):
+    """Add the (weighted) ΔW of ``names`` into the base weights; restore the exact originals afterwards."""
+    backup: list[tuple[torch.nn.Module, torch.Tensor]] = []
+    try:
+        with torch.no_grad():
+            for _, m in _tuner_layers(unet):
+                todo = [n for n in names if n in getattr(m, "lora_A", {})]
+                if not todo:
+                    continue
+                base = m.get_base_layer()
+                backup.append((base, base.weight.detach().clone()))
+                for n in todo:
+                    base.weight.data += m.get_delta_weight(n).to(base.weight.dtype)
+        yield
+    finally:
+        with torch.no_grad():
+            for base, w in backup:
+                base.weight.data.copy_(w)
+
+
+def routed(module, x, names: list[str] | None):
+    """Call a (possibly PEFT-wrapped) linear layer with per-sample adapters."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if names is not None and isinstance(module, BaseTunerLayer):
+        return module(x, adapter_names=names)
+    return module(x)
+
+
+# ------------------------------------------------------------------------------------------------------ region masks
+def layer_hw(latent_hw: tuple[int, int], n_tokens: int) -> tuple[int, int]:
+    """Spatial size of a UNet attention layer with ``n_tokens`` queries (the UNet halves sizes rounding up)."""
+    h, w = latent_hw
+    while h * w > n_tokens:
+        h, w = (h + 1) // 2, (w + 1) // 2
+    if h * w != n_tokens:
+        raise ValueError(f"cannot map {n_tokens} tokens to a grid of the {latent_hw} latent")
+    return h, w
+
+
+class RegionMasks:
+    """Concept region masks (n, H, W) at latent resolution, resampled (area, ≥ 0.5) to each attention layer."""
+
+    def __init__(self, masks: torch.Tensor):
+        self.masks = masks.float()
+        self.latent_hw = tuple(masks.shape[-2:])
+        self._cache: dict[tuple, torch.Tensor] = {}
+
+    def at(self, n_tokens: int) -> torch.Tensor:
+        """(n, n_tokens) float 0/1 masks flattened at the resolution with ``n_tokens`` pixels."""
+        key = ("m", n_tokens)
+        if key not in self._cache:
+            h, w = layer_hw(self.latent_hw, n_tokens)
+            soft = F.interpolate(self.masks[None], size=(h, w), mode="area")[0] if (h, w) != self.latent_hw else self.masks
+            hard = (soft >= 0.5).float()
+            for i in range(len(hard)):  # a region never vanishes at coarse layers: keep its strongest cell
+                if hard[i].sum() == 0 and soft[i].sum() > 0:
+                    hard[i].view(-1)[soft[i].argmax()] = 1.0
+            self._cache[key] = hard.reshape(len(hard), -1)
+        return self._cache[key]
+
+    def isolation_bias(self, n_tokens: int, dtype, device) -> torch.Tensor:
+        """(N, N) additive bias: −10⁶ from a query in region k to a key in another region j ≠ k, else 0."""
+        key = ("b", n_tokens, dtype, str(device))
+        if key not in self._cache:
+            m = self.at(n_tokens).to(device)
+            cross = m.t() @ (m.sum(0, keepdim=True) - m)  # [p, q] = Σ_k m_k[p] Σ_{j≠k} m_j[q]
+            neg = -6.0e4 if dtype == torch.float16 else -1.0e6
+            self._cache[key] = (cross.clamp(max=1) * neg).to(dtype)
+        return self._cache[key]
+
+
+# ------------------------------------------------------------------------------------------------------ the processor
+@dataclass
+class RegionKV:
+    """One concept's region attention: its adapter and its prompt embeddings (one row per batch sample)."""
+
+    adapter: str
+    context: torch.Tensor
+
+
+@dataclass
+class AttnControl:
+    """What the studio processors do on the next UNet call (engines mutate it between calls)."""
+
+    masks: RegionMasks | None = None
+    isolate: bool = False  # self-attention concept isolation
+    regions: list[RegionKV] = field(default_factory=list)  # region-aware cross-attention
+    capture_tokens: int | None = None  # capture maps at layers with this many pixels
+    capture_cross: bool = False
+    capture_self: bool = False
+    capture_regions: bool = False  # composer: concept-token maps of each region's attention over the whole image
+    store: dict = field(default_factory=dict)
+
+    def reset(self) -> None:
+        self.store = {"cross": [], "self": [], "regions": []}
+
+
+class StudioAttnProcessor:
+    def __init__(self, name: str, ctl: AttnControl):
+        self.name = name
+        self.ctl = ctl
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+        ctl = self.ctl
+        is_cross = encoder_hidden_states is not None
+        residual = hidden_states
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            b, ch, h, w = hidden_states.shape
+            hidden_states = hidden_states.view(b, ch, h * w).transpose(1, 2)
+        batch, n_tok, _ = hidden_states.shape
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        context = encoder_hidden_states if is_cross else hidden_states
+        if is_cross and attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        key, value = attn.to_k(context), attn.to_v(context)
+
+        bias = None
+        if attention_mask is not None:
+            bias = attn.prepare_attention_mask(attention_mask, key.shape[1], batch)
+            bias = bias.view(batch, attn.heads, -1, key.shape[1])
+        if not is_cross and ctl.isolate and ctl.masks is not None:
+            iso = ctl.masks.isolation_bias(n_tok, query.dtype, query.device)
+            bias = iso if bias is None else bias + iso
+        capture = ctl.capture_tokens == n_tok and ((is_cross and ctl.capture_cross) or (not is_cross and ctl.capture_self))
+        out, probs = attend(attn, query, key, value, bias, need_probs=capture)
+        if capture:
+            ctl.store.setdefault("cross" if is_cross else "self", []).append(probs.mean(1))
+        out = attn.to_out[1](attn.to_out[0](out))
+        if is_cross and ctl.regions and ctl.masks is not None:
+            out = self._regions(attn, query, out, n_tok)
+
+        if input_ndim == 4:
+            out = out.transpose(-1, -2).reshape(b, ch, h, w)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+    def _regions(self, attn, query, out_g, n_tok):
+        """Region-aware LoRA injection: inside region n the output is concept n's cross-attention (averaged in overlaps)."""
+        ctl = self.ctl
+        m = ctl.masks.at(n_tok).to(out_g.device, out_g.dtype)  # (n, N)
+        count = m.sum(0)
+        batch = out_g.shape[0]
+        acc = torch.zeros_like(out_g)
+        want_maps = ctl.capture_regions and ctl.capture_tokens == n_tok
+        maps = []
+        for i, r in enumerate(ctl.regions):
+            idx = None if want_maps else m[i].nonzero().squeeze(1)
+            if idx is not None and idx.numel() == 0:
+                continue
+            names = [r.adapter] * batch
+            k = routed(attn.to_k, r.context, names)
+            v = routed(attn.to_v, r.context, names)
+            q = query if idx is None else query[:, idx]
+            o, probs = attend(attn, q, k, v, None, need_probs=want_maps)
+            if want_maps:
+                maps.append(probs.mean(1))
+            o = attn.to_out[1](routed(attn.to_out[0], o, names))
+            if idx is None:
+                acc = acc + o * m[i][None, :, None]
+            else:
+                acc = acc.index_add(1, idx, o)
+        if want_maps:
+            ctl.store.setdefault("regions", []).append(maps)
+        inside = (count > 0)[None, :, None]
+        return torch.where(inside, acc / count.clamp(min=1)[None, :, None], out_g)
+
+
+def attend(attn, query, key, value, bias=None, need_probs=False):
+    """Multi-head attention; returns (output (B, N, C), probabilities (B, heads, N, M) or None)."""
+    batch = query.shape[0]
+    heads = attn.heads
+    q = query.view(batch, -1, heads, query.shape[-1] // heads).transpose(1, 2)
+    k = key.view(batch, -1, heads, key.shape[-1] // heads).transpose(1, 2)
+    v = value.view(batch, -1, heads, value.shape[-1] // heads).transpose(1, 2)
+    if need_probs:
+        dtype = q.dtype
+        if attn.upcast_attention:
+            q, k = q.float(), k.float()
+        scores = torch.matmul(q, k.transpose(-1, -2)) * attn.scale
+        if bias is not None:
+            scores = scores + bias.to(scores.dtype)
+        probs = scores.float().softmax(-1) if attn.upcast_softmax else scores.softmax(-1)
+        probs = probs.to(dtype)
+        out = torch.matmul(probs, v)
+    else:
+        probs = None
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype), scale=attn.scale)
+    out = out.transpose(1, 2).reshape(batch, -1, heads * out.shape[-1])
+    return out, probs
+
+
+def install(unet, ctl: AttnControl, which: str = "all", tokens: set[int] | None = None):
+    """Put ``StudioAttnProcessor`` on ``attn1``/``attn2`` layers (``which`` = all | cross | self); others keep theirs."""
+    procs = {}
+    for name, proc in unet.attn_processors.items():
+        cross = name.endswith("attn2.processor")
+        use = which == "all" or (which == "cross") == cross
+        procs[name] = StudioAttnProcessor(name, ctl) if use else proc
+    unet.set_attn_processor(procs)
+
+
+def attention_resolutions(unet, latent_hw: tuple[int, int]) -> list[int]:
+    """Token counts of the cross-attention layers for a latent size, from a dry reading of the UNet config."""
+    sizes = set()
+    h, w = latent_hw
+    down = unet.config.down_block_types
+    for i, kind in enumerate(down):
+        if "CrossAttn" in kind:
+            sizes.add(h * w)
+        if i < len(down) - 1:
+            h, w = (h + 1) // 2, (w + 1) // 2
+    if "CrossAttn" in (unet.config.mid_block_type or "UNetMidBlock2DCrossAttn"):
+        sizes.add(h * w)
+    return sorted(sizes)
+
+
+def map_resolution(unet, latent_hw: tuple[int, int], image_hw: tuple[int, int], mid_ok: bool = False) -> int:
+    """Token count of the attention layers used for maps: ⌈H/32⌉×⌈W/32⌉ (the papers' 16×16 at 512²) if such layers
+    exist, else the available cross-attention resolution closest to it (tiny models)."""
+    target = math.ceil(image_hw[0] / 32) * math.ceil(image_hw[1] / 32)
+    sizes = attention_resolutions(unet, latent_hw)
+    return min(sizes, key=lambda s: (abs(math.log(s / target)), -s))
