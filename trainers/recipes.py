@@ -7,6 +7,10 @@ from studio.errors import InputError
 from .dreambooth import DreamBoothRecipe
 
 RECIPES: dict[str, type] = {"dreambooth": DreamBoothRecipe}
+from .orthogonal import OrthogonalRecipe  # noqa: E402
+RECIPES["orthogonal"] = OrthogonalRecipe
+from .blora import BLoraRecipe  # noqa: E402
+RECIPES["blora"] = BLoraRecipe
 
 
 def get_recipe(method: str):
