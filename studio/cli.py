@@ -64,41 +64,10 @@ def cmd_generate(args) -> int:
     ws = _workspace(args)
     loras = [parse_lora_arg(x, ws) for x in cfg.loras]
     pipe = load_pipeline(cfg.model, device=args.device)
-    if getattr(args, "content", None) or getattr(args, "style", None):  # B-LoRA content/style (pipelines/blora.py)
-        result = _blora_generate(args, pipe, cfg, loras, ws)
-    else:
-        result = generate(pipe, cfg, loras, ws)
+    result = generate(pipe, cfg, loras, ws)
     for p in result.paths:
         print(p)
     print(f"seed: {result.seed}")
-    return 0
-
-
-def _blora_generate(args, pipe, cfg, loras, ws):
-    from pipelines.blora import style_transfer
-    from pipelines.generate import parse_lora_arg
-
-    content = parse_lora_arg(args.content, ws) if args.content else None
-    style = parse_lora_arg(args.style, ws) if args.style else None
-    result = style_transfer(pipe, cfg, content, style, ws, block_prompts=args.block_prompts, content_prompt=args.content_prompt,
-                            own_style_weight=args.own_style_weight, extra_loras=loras)
-    if result.params.get("blora", {}).get("warning"):
-        print(f"warning: {result.params['blora']['warning']}", file=sys.stderr)
-    return result
-
-
-def _cmd_blora_split(args) -> int:
-    from .blora_io import split_blora, split_into_library
-
-    if args.content or args.style:
-        out = split_blora(Path(_workspace(args).resolve_lora(args.src)), Path(args.content) if args.content else None,
-                          Path(args.style) if args.style else None, allow_other=args.allow_other)
-        for role, path in out.items():
-            print(f"{role}: {path}")
-    else:
-        names = split_into_library(_workspace(args), args.src, args.name, allow_other=args.allow_other)
-        for role, name in names.items():
-            print(f"{role}: {name}")
     return 0
 
 
@@ -118,8 +87,6 @@ def cmd_lora(args) -> int:
     elif args.lora_cmd == "convert":
         out = lora_io.convert(Path(args.src), Path(args.dst), args.to)
         print(out)
-    elif args.lora_cmd == "split":
-        return _cmd_blora_split(args)
     elif args.lora_cmd in ("merge", "crosstalk"):
         return _cmd_orthogonal(args)
     return 0
@@ -178,30 +145,6 @@ def cmd_decor(args) -> int:
     return 0
 
 
-def cmd_compose(args) -> int:
-    """``studio compose SPEC.yaml|json`` or flags (--prompt, --concept LORA:WEIGHT:PROMPT[:x0,y0,x1,y1], --engine)."""
-    from pipelines.compose import compose
-
-    from .composition import CompositionSpec, load_spec, parse_concept_arg
-    from .models import load_pipeline
-
-    over = {k: getattr(args, k) for k in ("engine", "seed", "steps", "guidance", "width", "height", "negative_prompt")}
-    if args.spec:
-        spec = load_spec(args.spec, **over, **({"prompt": args.prompt} if args.prompt else {}))
-    else:
-        concepts = [parse_concept_arg(c) for c in args.concept or []]
-        spec = CompositionSpec(prompt=args.prompt or "", concepts=concepts,
-                               global_loras=[{"lora": g.rpartition(":")[0] or g, "weight": float(g.rpartition(":")[2])
-                                              if g.rpartition(":")[0] else 1.0} for g in args.global_lora or []],
-                               **{k: v for k, v in over.items() if v is not None})
-    pipe = load_pipeline(args.model or spec.model or "tiny-sdxl", device=args.device)
-    result = compose(pipe, spec, _workspace(args))
-    for p in result.paths:
-        print(p)
-    print(f"seed: {result.seed}")
-    return 0
-
-
 def cmd_serve(args) -> int:
     from app import main as app_main
 
@@ -227,12 +170,6 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="Generate images, optionally with LoRAs.")
     add_config_args(g, GenerateConfig)
     g.add_argument("--lora", dest="loras", action="append", default=None, help="LoRA as NAME_OR_PATH[:WEIGHT]; repeat for several.")
-    g.add_argument("--content", default=None, help="B-LoRA content (or joint) as NAME_OR_PATH[:WEIGHT]; [c] in the prompt becomes its token.")
-    g.add_argument("--style", default=None, help="B-LoRA style (or joint) as NAME_OR_PATH[:WEIGHT]; [s] in the prompt becomes its token.")
-    g.add_argument("--block-prompts", action="store_true", help="B-LoRA: the content block's cross-attention sees --content-prompt only.")
-    g.add_argument("--content-prompt", default="", help="Prompt of the content block with --block-prompts (default: 'A [c]').")
-    g.add_argument("--own-style-weight", type=float, default=0.0,
-                   help="B-LoRA: add the content image's own style at this linear weight to keep its colours (paper: 0.16-0.25).")
     g.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available).")
     g.set_defaults(fn=cmd_generate)
 
@@ -245,12 +182,6 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     lc.add_argument("src")
     lc.add_argument("dst")
     lc.add_argument("--to", choices=["kohya", "diffusers"], required=True)
-    ls = lsub.add_parser("split", help="Split a joint B-LoRA (studio, diffusers or kohya names) into content and style LoRAs.")
-    ls.add_argument("src", help="Library name or .safetensors path of the joint B-LoRA.")
-    ls.add_argument("--content", default=None, help="Write the content half (up_blocks.0.attentions.0) to this file.")
-    ls.add_argument("--style", default=None, help="Write the style half (up_blocks.0.attentions.1) to this file.")
-    ls.add_argument("--name", default="", help="Without --content/--style: library entries NAME-content and NAME-style (default: the file's name).")
-    ls.add_argument("--allow-other", action="store_true", help="Split even if the file has weights outside the two B-LoRA blocks (they are dropped).")
     lm = lsub.add_parser("merge", help="Merge LoRAs into one exact LoRA file (ranks concatenated) or fused base weights.")
     lm.add_argument("loras", nargs="+", help="Library names or .safetensors paths.")
     lm.add_argument("--out", required=True, help="Name of the merged LoRA in the library (or a .safetensors path).")
@@ -275,23 +206,6 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     da.add_argument("--device", default=None)
     da.add_argument("--plot", default="", help="Write a PNG plot here.")
     d.set_defaults(fn=cmd_decor)
-
-    co = sub.add_parser("compose", help="Compose several LoRAs in one image (merge, LoRA-Composer, CLoRA).")
-    co.add_argument("spec", nargs="?", default=None, help="YAML/JSON spec file (flags below override its fields).")
-    co.add_argument("--prompt", default=None, help="Base prompt for the whole image.")
-    co.add_argument("--negative-prompt", dest="negative_prompt", default=None)
-    co.add_argument("--concept", action="append", default=None,
-                    help="Concept LORA:WEIGHT:PROMPT[:x0,y0,x1,y1] (box as fractions); repeat for several.")
-    co.add_argument("--global-lora", dest="global_lora", action="append", default=None, help="LoRA applied everywhere, NAME_OR_PATH[:WEIGHT].")
-    co.add_argument("--engine", choices=["merge", "composer", "clora"], default=None)
-    co.add_argument("--seed", type=int, default=None)
-    co.add_argument("--steps", type=int, default=None)
-    co.add_argument("--guidance", type=float, default=None)
-    co.add_argument("--width", type=int, default=None)
-    co.add_argument("--height", type=int, default=None)
-    co.add_argument("--model", default=None, help="Base model (default: the spec's, else tiny-sdxl).")
-    co.add_argument("--device", default=None)
-    co.set_defaults(fn=cmd_compose)
 
     s = sub.add_parser("serve", help="Launch the studio web UI (same as app.py).")
     s.add_argument("--model", default=None)

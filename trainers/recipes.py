@@ -9,8 +9,6 @@ from .dreambooth import DreamBoothRecipe
 RECIPES: dict[str, type] = {"dreambooth": DreamBoothRecipe}
 from .orthogonal import OrthogonalRecipe  # noqa: E402
 RECIPES["orthogonal"] = OrthogonalRecipe
-from .blora import BLoraRecipe  # noqa: E402
-RECIPES["blora"] = BLoraRecipe
 
 
 def get_recipe(method: str):
