@@ -64,10 +64,41 @@ def cmd_generate(args) -> int:
     ws = _workspace(args)
     loras = [parse_lora_arg(x, ws) for x in cfg.loras]
     pipe = load_pipeline(cfg.model, device=args.device)
-    result = generate(pipe, cfg, loras, ws)
+    if getattr(args, "content", None) or getattr(args, "style", None):  # B-LoRA content/style (pipelines/blora.py)
+        result = _blora_generate(args, pipe, cfg, loras, ws)
+    else:
+        result = generate(pipe, cfg, loras, ws)
     for p in result.paths:
         print(p)
     print(f"seed: {result.seed}")
+    return 0
+
+
+def _blora_generate(args, pipe, cfg, loras, ws):
+    from pipelines.blora import style_transfer
+    from pipelines.generate import parse_lora_arg
+
+    content = parse_lora_arg(args.content, ws) if args.content else None
+    style = parse_lora_arg(args.style, ws) if args.style else None
+    result = style_transfer(pipe, cfg, content, style, ws, block_prompts=args.block_prompts, content_prompt=args.content_prompt,
+                            own_style_weight=args.own_style_weight, extra_loras=loras)
+    if result.params.get("blora", {}).get("warning"):
+        print(f"warning: {result.params['blora']['warning']}", file=sys.stderr)
+    return result
+
+
+def _cmd_blora_split(args) -> int:
+    from .blora_io import split_blora, split_into_library
+
+    if args.content or args.style:
+        out = split_blora(Path(_workspace(args).resolve_lora(args.src)), Path(args.content) if args.content else None,
+                          Path(args.style) if args.style else None, allow_other=args.allow_other)
+        for role, path in out.items():
+            print(f"{role}: {path}")
+    else:
+        names = split_into_library(_workspace(args), args.src, args.name, allow_other=args.allow_other)
+        for role, name in names.items():
+            print(f"{role}: {name}")
     return 0
 
 
@@ -87,6 +118,8 @@ def cmd_lora(args) -> int:
     elif args.lora_cmd == "convert":
         out = lora_io.convert(Path(args.src), Path(args.dst), args.to)
         print(out)
+    elif args.lora_cmd == "split":
+        return _cmd_blora_split(args)
     elif args.lora_cmd in ("merge", "crosstalk"):
         return _cmd_orthogonal(args)
     return 0
@@ -170,6 +203,12 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="Generate images, optionally with LoRAs.")
     add_config_args(g, GenerateConfig)
     g.add_argument("--lora", dest="loras", action="append", default=None, help="LoRA as NAME_OR_PATH[:WEIGHT]; repeat for several.")
+    g.add_argument("--content", default=None, help="B-LoRA content (or joint) as NAME_OR_PATH[:WEIGHT]; [c] in the prompt becomes its token.")
+    g.add_argument("--style", default=None, help="B-LoRA style (or joint) as NAME_OR_PATH[:WEIGHT]; [s] in the prompt becomes its token.")
+    g.add_argument("--block-prompts", action="store_true", help="B-LoRA: the content block's cross-attention sees --content-prompt only.")
+    g.add_argument("--content-prompt", default="", help="Prompt of the content block with --block-prompts (default: 'A [c]').")
+    g.add_argument("--own-style-weight", type=float, default=0.0,
+                   help="B-LoRA: add the content image's own style at this linear weight to keep its colours (paper: 0.16-0.25).")
     g.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available).")
     g.set_defaults(fn=cmd_generate)
 
@@ -182,6 +221,12 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     lc.add_argument("src")
     lc.add_argument("dst")
     lc.add_argument("--to", choices=["kohya", "diffusers"], required=True)
+    ls = lsub.add_parser("split", help="Split a joint B-LoRA (studio, diffusers or kohya names) into content and style LoRAs.")
+    ls.add_argument("src", help="Library name or .safetensors path of the joint B-LoRA.")
+    ls.add_argument("--content", default=None, help="Write the content half (up_blocks.0.attentions.0) to this file.")
+    ls.add_argument("--style", default=None, help="Write the style half (up_blocks.0.attentions.1) to this file.")
+    ls.add_argument("--name", default="", help="Without --content/--style: library entries NAME-content and NAME-style (default: the file's name).")
+    ls.add_argument("--allow-other", action="store_true", help="Split even if the file has weights outside the two B-LoRA blocks (they are dropped).")
     lm = lsub.add_parser("merge", help="Merge LoRAs into one exact LoRA file (ranks concatenated) or fused base weights.")
     lm.add_argument("loras", nargs="+", help="Library names or .safetensors paths.")
     lm.add_argument("--out", required=True, help="Name of the merged LoRA in the library (or a .safetensors path).")

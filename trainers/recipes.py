@@ -7,6 +7,8 @@ from studio.errors import InputError
 from .dreambooth import DreamBoothRecipe
 
 RECIPES: dict[str, type] = {"dreambooth": DreamBoothRecipe}
+from .blora import BLoraRecipe  # noqa: E402
+RECIPES["blora"] = BLoraRecipe
 from .orthogonal import OrthogonalRecipe  # noqa: E402
 RECIPES["orthogonal"] = OrthogonalRecipe
 
