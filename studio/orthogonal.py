@@ -164,7 +164,10 @@ def _concept_columns(meta: dict[str, str]) -> list[tuple[dict[int, set[int]] | N
     """Columns a library file occupies: (per-width sets or None, width-independent set or None, member info)."""
     if meta.get("studio.method") == "orthogonal-merge":
         out = []
-        for m in json.loads(meta.get("studio.members", "[]")):
+        stack = list(json.loads(meta.get("studio.members", "[]")))
+        while stack:
+            m = stack.pop(0)
+            stack += m.get("members", [])  # members of merged members
             info = {"name": m.get("name", ""), "slot": int(m.get("slot", -1)), "rank": int(m.get("rank", 0)),
                     "slot_mode": m.get("slot_mode", "disjoint")}
             if info["slot_mode"] == "random" or info["slot"] >= 0:
@@ -239,6 +242,27 @@ def plan_slot(ws, *, base_model: str, basis_seed: int, rank: int, widths: list[i
 
 def _public(taken: list[dict]) -> list[dict]:
     return [{k: t[k] for k in ("name", "library_name", "slot", "rank", "slot_mode")} for t in taken]
+
+
+def target_widths(pipe, targets: list[str], text_encoder: bool = False) -> list[int]:
+    """Input widths of the linear layers a recipe would adapt (UNet ``targets``; text-encoder attention if asked)."""
+    widths = set()
+    for comp in ("unet", "text_encoder", "text_encoder_2") if text_encoder else ("unet",):
+        model = getattr(pipe, comp, None)
+        names = targets if comp == "unet" else ["q_proj", "k_proj", "v_proj", "out_proj"]
+        if model is None:
+            continue
+        for n, mod in model.named_modules():
+            if isinstance(mod, torch.nn.Linear) and any(n == t or n.endswith("." + t) for t in names):
+                widths.add(mod.in_features)
+    return sorted(widths)
+
+
+def slot_status(ws, pipe, *, rank: int = 20, basis_seed: int = DEFAULT_BASIS_SEED,
+                targets: str = "to_q,to_k,to_v,to_out.0", text_encoder: bool = False) -> SlotPlan:
+    """For the UI before training: the slot the next orthogonal concept would get, the capacity and who is where."""
+    widths = target_widths(pipe, [t.strip() for t in targets.split(",") if t.strip()], text_encoder)
+    return plan_slot(ws, base_model=getattr(pipe, "studio_ref", ""), basis_seed=basis_seed, rank=rank, widths=widths)
 
 
 def capacity(widths: list[int], rank: int) -> int:
@@ -471,6 +495,8 @@ def merge_loras(sources: list, out, *, weights: list[float] | None = None, lam: 
             member.update({"slot": int(f.meta.get("studio.slot", "-1")), "slot_mode": f.meta.get("studio.slot_mode", "disjoint")})
             if member["slot_mode"] == "random":
                 member["columns"] = json.loads(f.meta.get("studio.columns", "{}"))
+        elif f.meta.get("studio.method") == "orthogonal-merge":
+            member["members"] = json.loads(f.meta.get("studio.members", "[]"))
         members.append(member)
     first = files[0]
     extra = {"members": members, "merge_weights": ws_, "recommended_weight": "1.0",

@@ -259,3 +259,17 @@ def test_sdxl_with_text_encoder_and_prior_preservation(ws):
         if k.endswith("lora_A.weight"):
             assert a.shape[1] in widths and torch.equal(a, orth.down_projection(a.shape[1], [0, 1]))
     assert meta["studio.slot_capacity"] == str(min(widths) // 2)
+
+
+def test_slot_status_and_nested_merges(lib, tiny_sd, tmp_path):
+    ws = lib
+    st = orth.slot_status(ws, tiny_sd, rank=4)
+    assert st.widths == [32, 64] and st.capacity == 8 and st.slot >= 2 and "free" in st.message()
+    # a merge of a merge keeps every member's slot occupied
+    orth.merge_loras([_p(ws, "a"), _p(ws, "b")], _p(ws, "ab-inner"))
+    tensors, meta = lora_io.read_tensors(_p(ws, "b"))
+    lora_io.atomic_save_safetensors(tmp_path / "c3.safetensors", tensors, {**meta, "studio.slot": "5", "modelspec.title": "c3"})
+    orth.merge_loras([_p(ws, "ab-inner"), tmp_path / "c3.safetensors"], tmp_path / "outer.safetensors")
+    _, outer = lora_io.read_header(tmp_path / "outer.safetensors")
+    slots = sorted(info["slot"] for _, _, info in orth._concept_columns(outer))
+    assert slots == [0, 1, 5]
