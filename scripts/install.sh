@@ -14,4 +14,9 @@ if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
     $pip install -q "torch==2.13.0"
   fi
 fi
-$pip install -q -e ".[test]"
+$pip install -q -e ".[test,e2e]"
+# Browser tests drive Debian's chromium (playwright cannot download browsers here)
+if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null || \
+    echo "warning: could not install chromium; the browser tests (tests/e2e) will fail" >&2
+fi

@@ -141,6 +141,9 @@ class GenerateConfig:
     decor_components: str = _f("auto", "DECOR: number of components k, or 'auto'.")
 
     def __post_init__(self) -> None:
+        for key in ("prompt", "negative_prompt", "decor_remove"):
+            if getattr(self, key) is None:  # an empty UI text field arrives as None
+                setattr(self, key, "")
         if not self.prompt.strip():
             raise InputError("The prompt is empty: describe what to draw.")
         if self.seed != -1 and not 0 <= self.seed <= SEED_MAX:

@@ -479,7 +479,9 @@ def train(cfg: TrainConfig, recipe: Recipe, ws: Workspace, *, pipe=None, events:
         if cfg.checkpoint_every:
             do_checkpoint(step)
         outputs = recipe.save(pipe, cfg, ws, {**info, "steps": step}, final=True)
-        ws.set_preview(cfg.name, _sample(pipe, cfg, ws, step, resolution))
+        preview = _sample(pipe, cfg, ws, step, resolution)
+        ws.set_preview(cfg.name, preview)
+        _emit(events, type="sample", step=step, path=str(preview))
     accelerator.wait_for_everyone()
     _emit(events, type="done", step=step, outputs=[str(p) for p in outputs], final_loss=losses[-1] if losses else None)
     return TrainResult("succeeded", step, outputs, losses)

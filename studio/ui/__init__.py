@@ -61,7 +61,8 @@ def _api(services: Services) -> None:
         """Queue a training job. ``settings`` is JSON of config fields (trigger, steps, rank, …). Returns the job id."""
         try:
             values = json.loads(settings or "{}")
-            return actions.submit_training(services, images, method, {**values, "name": name})
+            paths = [x.get("path") if isinstance(x, dict) else x for x in images or []]
+            return actions.submit_training(services, paths, method, {**values, "name": name})
         except (actions.InputError, json.JSONDecodeError) as exc:
             raise gr.Error(str(exc)) from exc
 

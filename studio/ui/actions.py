@@ -174,15 +174,15 @@ def job_summary(job: dict) -> str:
     """One line a person reads: what the job is doing now."""
     status = job["status"]
     if status == "failed":
-        return f"❌ Failed: {job['error']}"
+        return f"Failed: {job['error']}"
     if status == "cancelled":
-        return f"⏹ Cancelled at step {job['step']}." + (f" Saved: {', '.join(Path(p).name for p in job['outputs'])}" if job["outputs"] else "")
+        return f"Cancelled at step {job['step']}." + (f" Saved: {', '.join(Path(p).name for p in job['outputs'])}" if job["outputs"] else "")
     if status == "succeeded":
-        return "✅ Done." + (f" Saved: {', '.join(Path(p).name for p in job['outputs'])}" if job["outputs"] else "")
+        return "Done." + (f" Saved: {', '.join(Path(p).name for p in job['outputs'])}" if job["outputs"] else "")
     if status == "queued":
-        return "⏳ Waiting in the queue…"
+        return "Waiting in the queue…"
     rate = job["it_s"]
     speed = (f"{rate:.2f} it/s" if rate >= 1 else f"{1 / rate:.1f} s/it") if rate else ""
     eta = f", ETA {_fmt_secs(job['eta_s'])}" if job["eta_s"] else ""
     prog = f" — step {job['step']}/{job['total']}" if job["total"] else ""
-    return f"⚙ {job['phase']}{prog} {speed}{eta}. {job['detail']}"
+    return f"{job['phase']}{prog} {speed}{eta}. {job['detail']}"

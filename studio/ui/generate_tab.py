@@ -95,7 +95,7 @@ def build(services: Services) -> dict:
                 jid = actions.submit_compose(services, _spec(services, p, neg, eng, active, ed, dr, ds, common))
         except actions.StudioError as exc:
             raise gr.Error(str(exc)) from exc
-        yield jid, "⏳ Queued…", gr.skip(), gr.skip(), gr.skip()
+        yield jid, "Queued…", gr.skip(), gr.skip(), gr.skip()
         while True:
             job = services.store.get(jid)
             if job["status"] in actions.TERMINAL:
@@ -105,7 +105,7 @@ def build(services: Services) -> dict:
         if job["status"] != "succeeded":
             raise gr.Error(actions.job_summary(job))
         res = job["result"]
-        yield (jid, f"✅ Done in {job['finished'] - job['started']:.1f} s.", res.get("outputs", []), str(res.get("seed", "")),
+        yield (jid, f"Done in {job['finished'] - job['started']:.1f} s.", res.get("outputs", []), str(res.get("seed", "")),
                res.get("masks", []))
 
     go.click(on_go, inputs=[prompt, negative, engine, decor_remove, decor_strength, seed, steps, guidance, width, height, editor,

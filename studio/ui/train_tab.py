@@ -8,10 +8,12 @@ from . import actions
 from .actions import Services
 
 MAIN_FIELDS = ("trigger", "class_word", "steps", "rank", "lr")
+LABELS = {"lr": "Learning rate", "snr_gamma": "min-SNR gamma", "lora_dropout": "LoRA dropout", "text_encoder_lr": "Text-encoder learning rate",
+          "num_class_images": "Number of class images", "lr_scheduler": "Learning-rate schedule"}
 
 
 def _widget(name: str, f, tp, value):
-    label = name.replace("_", " ").capitalize()
+    label = LABELS.get(name, name.replace("_", " ").capitalize())
     info = f.metadata.get("help", "")
     choices = f.metadata.get("choices")
     key = f"train-{name}"
@@ -113,7 +115,7 @@ def build(services: Services, last_job: gr.BrowserState) -> dict:
             jid = actions.submit_training(services, good or paths, m, values)
         except actions.InputError as exc:
             raise gr.Error(str(exc)) from exc
-        return jid, jid, gr.Timer(active=True), "⏳ Queued…"
+        return jid, jid, gr.Timer(active=True), "Queued…"
 
     start.click(on_start, inputs=[files, method, name] + [widgets[n] for n in names],
                 outputs=[job_id, last_job, timer, status], api_visibility="private", concurrency_limit=None)
