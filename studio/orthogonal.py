@@ -515,8 +515,6 @@ def merge_loras(sources: list, out, *, weights: list[float] | None = None, lam: 
     if ws is not None and out.parent.resolve() == ws.loras.resolve():
         ws.write_sidecar(out.stem, {"name": out.stem, "method": meta["studio.method"], "architecture": first.arch,
                                     "members": members, "weights": ws_, "warnings": warnings, "role": "subject"})
-    for w in warnings:
-        log.warning(w)
     return MergeResult(out, members, ws_, orthogonal, rank, warnings, sum(len(s) // 2 for s in comps.values()))
 
 
