@@ -1,0 +1,114 @@
+"""Cost of multi-LoRA composition: UNet sample-evaluations per step and seconds per step for 1-4 LoRAs per engine.
+
+    python -m bench.compose_speed                      # tiny-sdxl on CPU (and on the GPU when one is present)
+    python -m bench.compose_speed --model sdxl-random --size 1024 --steps 10 --device cuda
+
+UNet evaluations count one batch element of one forward as 1 and a backward as 2 (composer loss steps, clora
+contrastive steps). Seconds per step are measured from the call to the last step (LoRA loading and prompt encoding
+included, VAE decoding excluded) and compared with a plain generation without LoRAs. Random LoRAs (rank 4 on the
+attention projections) are made on the fly. Prints a table and writes JSON (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def make_random_lora(pipe, path: Path, seed: int, rank: int = 4) -> Path:
+    import copy
+
+    from peft import LoraConfig
+
+    from studio import lora_io
+    from studio.models import architecture
+
+    g = torch.Generator().manual_seed(seed)
+    unet = copy.deepcopy(pipe.unet).to("cpu", torch.float32)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"]), adapter_name="mk")
+    state = lora_io.adapter_state(unet, "mk")
+    for k, v in state.items():
+        state[k] = torch.randn(v.shape, generator=g) * (0.05 if "lora_B" in k else 1.0 / v.shape[-1] ** 0.5)
+    del unet
+    meta = lora_io.build_metadata(arch=architecture(pipe), method="bench", name=path.stem, rank=rank, alpha=rank, components={"unet": state})
+    return lora_io.save_lora(path, {"unet": state}, meta)
+
+
+def timed(fn, steps: int) -> float:
+    marks = []
+    t0 = time.perf_counter()
+    fn(lambda step, total: marks.append(time.perf_counter()))
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return (marks[-1] - t0) / steps
+
+
+def bench(model: str, size: int, steps: int, device: str | None, max_loras: int, engines: list[str], repeats: int) -> dict:
+    from pipelines.compose import compose
+    from pipelines.generate import generate
+    from studio.composition import CompositionSpec
+    from studio.config import GenerateConfig
+    from studio.models import load_pipeline
+
+    pipe = load_pipeline(model, device=device)
+    tmp = Path(tempfile.mkdtemp(prefix="compose-bench-"))
+    loras = [make_random_lora(pipe, tmp / f"l{i}.safetensors", i) for i in range(max_loras)]
+    words = ["dog", "cat", "bird", "horse"]
+    prompt = "a " + " and a ".join(words[:max_loras])
+
+    def plain(progress):
+        generate(pipe, GenerateConfig(prompt=prompt, seed=1, steps=steps, width=size, height=size), progress=progress)
+
+    timed(plain, steps)  # warm-up
+    base = min(timed(plain, steps) for _ in range(repeats))
+    rows = []
+    for n in range(1, max_loras + 1):
+        for engine in engines:
+            concepts = [dict(lora=str(loras[i]), weight=1.0, prompt=f"a photo of a {words[i]}", token=words[i],
+                             region=[i / n, 0.0, (i + 1) / n, 1.0] if engine == "composer" else None) for i in range(n)]
+            spec = CompositionSpec(prompt=prompt, engine=engine, seed=1, steps=steps, width=size, height=size, concepts=concepts)
+            box = {}
+
+            def run(progress):
+                box["r"] = compose(pipe, spec, None, progress=progress, save=False)
+
+            timed(run, steps)
+            sec = min(timed(run, steps) for _ in range(repeats))
+            st = box["r"].stats
+            rows.append({"engine": engine, "loras": n, "unet_evals_per_step": st["unet_evals"] / steps,
+                         "sec_per_step": sec, "x_plain": sec / base})
+            print(f"{model:>12} {size:>5}px {str(pipe.device):>6}  {engine:>8}  loras={n}  evals/step={rows[-1]['unet_evals_per_step']:6.2f}"
+                  f"  s/step={sec:8.4f}  x plain={rows[-1]['x_plain']:5.2f}", flush=True)
+    return {"model": model, "size": size, "steps": steps, "device": str(pipe.device),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "plain_sec_per_step": base, "rows": rows}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="tiny-sdxl")
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--max-loras", type=int, default=4)
+    p.add_argument("--engines", default="merge,composer,clora")
+    p.add_argument("--device", default=None, help="cpu, cuda, … (default: CPU, then the GPU too when present)")
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--out", default="bench/compose_speed.json")
+    a = p.parse_args(argv)
+    devices = [a.device] if a.device else (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+    results = [bench(a.model, a.size, a.steps, d, a.max_loras, a.engines.split(","), a.repeats) for d in devices]
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(results, indent=2))
+    tmp.replace(out)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,340 @@
+"""Multi-LoRA composition (merge, LoRA-Composer, CLoRA) on the bundled tiny models with small random LoRAs."""
+
+import json
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines.compose import compose
+from pipelines.generate import LoraRef, generate
+from studio import lora_io
+from studio.attention import AttnControl, RegionKV, RegionMasks, StudioAttnProcessor, adapter_routing, attend, saved_processors
+from studio.composition import CompositionSpec, ConceptEntry, load_spec, parse_concept_arg
+from studio.config import GenerateConfig
+from studio.errors import CancelledError, InputError, LoraFormatError
+
+STEPS = 3
+
+
+def make_lora(pipe, path, seed, rank=2, te=True, scale=0.6):
+    """A small random LoRA file (non-zero lora_B) on the attention projections of ``pipe``."""
+    from peft import LoraConfig
+
+    from studio.models import architecture
+
+    g = torch.Generator().manual_seed(seed)
+    comps = {"unet": pipe.unet}
+    if te:
+        comps["text_encoder"] = pipe.text_encoder
+    states = {}
+    import copy
+
+    for comp, model in comps.items():
+        model = copy.deepcopy(model)  # the adapter is added to a throw-away copy
+        targets = ["to_q", "to_k", "to_v", "to_out.0"] if comp == "unet" else ["q_proj", "k_proj", "v_proj", "out_proj"]
+        model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, init_lora_weights=True), adapter_name="mk")
+        state = lora_io.adapter_state(model, "mk")
+        for k, v in state.items():
+            state[k] = torch.randn(v.shape, generator=g) * (scale if "lora_B" in k else 1.0 / v.shape[-1] ** 0.5)
+        states[comp] = state
+    meta = lora_io.build_metadata(arch=architecture(pipe), method="test", name=path.stem, rank=rank, alpha=rank, components=states)
+    return lora_io.save_lora(path, states, meta)
+
+
+@pytest.fixture(scope="module")
+def xl(tmp_path_factory):
+    from studio.models import load_pipeline
+
+    d = tmp_path_factory.mktemp("loras")
+    pipe = load_pipeline("tiny-sdxl")
+    loras = [make_lora(pipe, d / f"c{i}.safetensors", seed=i) for i in range(3)]
+    return pipe, loras, d
+
+
+def spec(loras, engine, concepts=None, **kw):
+    concepts = concepts or [
+        dict(lora=str(loras[0]), weight=0.8, prompt="a photo of zwx dog", token="dog", region=[0.0, 0.0, 0.5, 1.0]),
+        dict(lora=str(loras[1]), weight=1.0, prompt="a photo of qrp cat", token="cat", region=[0.5, 0.0, 1.0, 1.0]),
+    ]
+    base = dict(prompt="a dog and a cat", engine=engine, seed=7, steps=STEPS, width=64, height=64, concepts=concepts)
+    base.update(kw)
+    return CompositionSpec(**base)
+
+
+def img(r):
+    return np.asarray(r.images[0], dtype=np.float32)
+
+
+def state_of(pipe):
+    procs = {k: type(v).__name__ + str(id(v)) for k, v in pipe.unet.attn_processors.items()}
+    adapters = {n: sorted(getattr(getattr(pipe, n), "peft_config", {}) or {}) for n in ("unet", "text_encoder", "text_encoder_2")}
+    hooks = sum(len(m._forward_pre_hooks) for m in pipe.unet.modules())
+    weight = pipe.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q.weight.detach().clone()
+    return procs, adapters, hooks, weight
+
+
+def same_state(a, b):
+    return a[0] == b[0] and a[1] == b[1] and a[2] == b[2] and torch.equal(a[3], b[3])
+
+
+# ------------------------------------------------------------------------------------------------ equivalences
+def test_merge_one_lora_equals_generate(xl):
+    pipe, loras, _ = xl
+    c = [dict(lora=str(loras[0]), weight=0.7, prompt="zwx dog")]
+    r = compose(pipe, spec(loras, "merge", c))
+    g = generate(pipe, GenerateConfig(prompt="a dog and a cat", seed=7, steps=STEPS, width=64, height=64), [LoraRef(loras[0], 0.7)])
+    assert np.array_equal(img(r), img(g))
+    plain = generate(pipe, GenerateConfig(prompt="a dog and a cat", seed=7, steps=STEPS, width=64, height=64))
+    assert np.abs(img(r) - img(plain)).mean() > 0.5  # the LoRA does something
+    assert r.stats["unet_evals"] == 2 * STEPS
+
+
+def test_composer_all_parts_off_equals_merge(xl):
+    pipe, loras, _ = xl
+    off = dict(region_cross_attn=False, self_attn_isolation=False, latent_reinit=False, loss_guidance=False)
+    a = compose(pipe, spec(loras, "composer", composer=off))
+    b = compose(pipe, spec(loras, "merge"))
+    assert np.abs(img(a) - img(b)).max() <= 1.0
+
+
+def test_clora_one_concept_full_mask_equals_single_lora(xl):
+    pipe, loras, _ = xl
+    c = [dict(lora=str(loras[0]), weight=0.9, prompt="a photo of zwx dog", token="dog", region=[0, 0, 1, 1])]
+    r = compose(pipe, spec(loras, "clora", c))
+    g = generate(pipe, GenerateConfig(prompt="a photo of zwx dog", seed=7, steps=STEPS, width=64, height=64), [LoraRef(loras[0], 0.9)])
+    assert np.abs(img(r) - img(g)).max() <= 2.0
+    assert len(r.masks) == 2 and np.asarray(r.masks[1]).min() == 255 and np.asarray(r.masks[0]).max() == 0
+
+
+# ------------------------------------------------------------------------------------------------ region isolation
+def _attn_layer(pipe, which="attn1"):
+    return pipe.unet.down_blocks[1].attentions[0].transformer_blocks[0].__getattr__(which)
+
+
+def test_self_attention_bias_blocks_cross_region_probabilities():
+    masks = torch.zeros(2, 4, 4)
+    masks[0, :, :2] = 1
+    masks[1, :, 2:] = 1
+    rm = RegionMasks(masks)
+    bias = rm.isolation_bias(16, torch.float32, "cpu")
+    from diffusers.models.attention_processor import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=8, heads=2, dim_head=4)
+    x = torch.randn(1, 16, 8)
+    q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)
+    _, probs = attend(attn, q, k, v, bias, need_probs=True)
+    m = rm.at(16)
+    left, right = m[0].bool(), m[1].bool()
+    assert probs[..., left, :][..., right].abs().max() < 1e-6
+    assert probs[..., right, :][..., left].abs().max() < 1e-6
+    assert torch.allclose(probs.sum(-1), torch.ones(()))
+    out_sdpa, _ = attend(attn, q, k, v, bias, need_probs=False)  # the fast path applies the same bias
+    out_eager = torch.matmul(probs, v.view(1, 16, 2, 4).transpose(1, 2)).transpose(1, 2).reshape(1, 16, 8)
+    assert torch.allclose(out_sdpa, out_eager, atol=1e-5)
+    _, free = attend(attn, q, k, v, None, need_probs=True)
+    assert free[..., left, :][..., right].sum() > 0.1  # without the bias they do attend across
+
+
+def test_left_concept_lora_does_not_touch_right_pixels(xl):
+    pipe, loras, _ = xl
+    from pipelines.compose import Session  # noqa: F401 - engine toolkit is importable
+
+    with saved_processors(pipe.unet):
+        pipe.load_lora_weights(str(loras[0]), adapter_name="left")
+        try:
+            attn = _attn_layer(pipe, "attn2")
+            masks = torch.zeros(1, 8, 8)
+            masks[0, :, :4] = 1  # left half
+            ctl = AttnControl(masks=RegionMasks(masks))
+            proc = StudioAttnProcessor("t", ctl)
+            torch.manual_seed(1)
+            h = torch.randn(2, 64, attn.to_q.in_features if hasattr(attn.to_q, "in_features") else 64)
+            ctx = torch.randn(2, 77, 64)
+            concept_ctx = torch.randn(2, 77, 64)
+            with adapter_routing(pipe.unet) as router:
+                router.names = ["__base__", "__base__"]
+                plain = proc(attn, h, ctx)
+                ctl.regions = [RegionKV("left", concept_ctx)]
+                regional = proc(attn, h, ctx)
+            left = masks[0].reshape(-1).bool()
+            assert torch.equal(plain[:, ~left], regional[:, ~left])
+            assert (plain[:, left] - regional[:, left]).abs().max() > 1e-3
+        finally:
+            pipe.delete_adapters(["left"])
+
+
+# ------------------------------------------------------------------------------------------------ clora parts
+def test_clora_masks_partition_and_follow_user_masks(xl):
+    pipe, loras, _ = xl
+    from pipelines.clora import fusion_masks
+    from studio.composition import CloraOptions
+
+    torch.manual_seed(0)
+    maps = torch.rand(3, 16, 77)
+    groups = [[[3], [4], [3]], [[5], [3], [4]]]
+    m = fusion_masks(maps, groups, 16, (8, 8), CloraOptions(), None, [False, False])
+    assert torch.allclose(m.sum(0), torch.ones(8, 8))
+    user = torch.zeros(2, 8, 8)
+    user[0, :, :4] = 1
+    m2 = fusion_masks(maps, groups, 16, (8, 8), CloraOptions(), user, [True, False])
+    assert torch.allclose(m2.sum(0), torch.ones(8, 8))
+    assert torch.all(m2[1][:, 4:] == 0) and torch.all(m2[1][:, :4] > 0)
+    # the full run returns masks as images that partition the picture
+    r = compose(pipe, spec(loras, "clora", concepts=[
+        dict(lora=str(loras[0]), prompt="a photo of zwx dog", token="dog", region=[0, 0, 0.5, 1]),
+        dict(lora=str(loras[1]), prompt="a photo of qrp cat", token="cat")]))
+    ms = np.stack([np.asarray(x, dtype=np.float32) / 255 for x in r.masks])
+    assert ms.shape == (3, 64, 64) and np.allclose(ms.sum(0), 1.0, atol=0.02)
+    assert ms[1][:, 32:].max() == 0 and ms[1][:, :32].min() > 0
+
+
+def test_contrastive_loss_decreases(xl):
+    pipe, loras, _ = xl
+    from pipelines.clora import contrastive_update
+    from pipelines.compose import Sampler, engine_session
+    from studio.attention import install, map_resolution
+    from studio.composition import resolve, token_positions
+
+    s = spec(loras, "clora", concepts=[dict(lora=str(loras[0]), prompt="a dog and a cat", token="dog"),
+                                       dict(lora=str(loras[1]), prompt="a dog and a cat", token="cat")], steps=10)
+    rs = resolve(s, pipe)
+    sm = Sampler(pipe, 64, 64, 10, 7.0, 3)
+    losses = []
+    with torch.no_grad(), engine_session(pipe, rs) as sess:
+        prompts = [s.prompt] + [c.prompt for c in s.concepts]
+        adapters = ["__base__"] + sess.concepts
+        conds = [sm.encode(p, "", sess, a) for p, a in zip(prompts, adapters)]
+        groups = [[token_positions(pipe.tokenizer, p, c.token) for p in prompts] for c in s.concepts]
+        lat = sm.latents()
+        ctl = AttnControl(capture_tokens=map_resolution(pipe.unet, lat.shape[-2:], (64, 64)), capture_cross=True)
+        install(pipe.unet, ctl, which="cross")
+        sess.unet_router.names = [a for a in adapters for _ in range(2)]
+        t = sm.timesteps()[0]
+        s.clora.step_size = 20.0
+        for _ in range(6):
+            lat, _, _, loss = contrastive_update(sm, ctl, lat, t, conds, groups, s.clora, 2)
+            losses.append(loss)
+    assert losses[-1] < losses[0], losses
+
+
+# ------------------------------------------------------------------------------------------------ engines run, state is restored
+@pytest.mark.parametrize("engine", ["composer", "clora"])
+def test_engines_run_and_restore_state(xl, engine):
+    pipe, loras, _ = xl
+    before = state_of(pipe)
+    r = compose(pipe, spec(loras, engine, global_loras=[dict(lora=str(loras[2]), weight=0.5)]))
+    assert r.images[0].size == (64, 64) and same_state(before, state_of(pipe))
+    assert r.stats["unet_evals"] > 2 * STEPS
+    if engine == "composer":
+        assert r.stats["guided_steps"] >= 1 and all(np.isfinite(r.stats["losses"]))
+
+    # a forced error in the middle of the run leaves the pipeline as it was
+    calls = {"n": 0}
+
+    def boom(step, total):
+        calls["n"] += 1
+        if step == 2:
+            raise RuntimeError("forced")
+
+    with pytest.raises(RuntimeError, match="forced"):
+        compose(pipe, spec(loras, engine, global_loras=[dict(lora=str(loras[2]), weight=0.5)]), progress=boom)
+    assert same_state(before, state_of(pipe))
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(CancelledError):
+        compose(pipe, spec(loras, engine), stop=stop)
+    assert same_state(before, state_of(pipe))
+
+
+def test_composer_regions_change_the_image_and_parts_matter(xl):
+    pipe, loras, _ = xl
+    full = compose(pipe, spec(loras, "composer"))
+    no_guid = compose(pipe, spec(loras, "composer", composer=dict(loss_guidance=False, latent_reinit=False)))
+    merge = compose(pipe, spec(loras, "merge"))
+    assert full.stats["guided_steps"] >= 1 and no_guid.stats["guided_steps"] == 0
+    assert np.abs(img(full) - img(no_guid)).max() > 0  # guidance and re-init move the latent (weakly on a random model)
+    assert np.abs(img(no_guid) - img(merge)).mean() > 0.1  # regional binding is not the global merge
+
+
+def test_sd15_composer_and_clora_run(tmp_path):
+    from studio.models import load_pipeline
+
+    pipe = load_pipeline("tiny-sd")
+    loras = [make_lora(pipe, tmp_path / f"s{i}.safetensors", seed=10 + i) for i in range(2)]
+    before = state_of(pipe)
+    for engine in ("composer", "clora"):
+        r = compose(pipe, spec(loras, engine, steps=2))
+        assert r.images[0].size == (64, 64)
+    assert same_state(before, state_of(pipe))
+
+
+# ------------------------------------------------------------------------------------------------ bad specs
+def test_bad_specs_give_clear_errors(xl, tmp_path):
+    pipe, loras, _ = xl
+    with pytest.raises(InputError, match="no concepts"):
+        CompositionSpec(prompt="x", concepts=[])
+    with pytest.raises(InputError, match="overlap"):
+        spec(loras, "composer", concepts=[dict(lora="a", prompt="a dog", region=[0, 0, 0.6, 1]),
+                                          dict(lora="b", prompt="a cat", region=[0.4, 0, 1, 1])])
+    assert spec(loras, "composer", allow_overlap=True, concepts=[dict(lora="a", prompt="a dog", region=[0, 0, 0.6, 1]),
+                                                                  dict(lora="b", prompt="a cat", region=[0.4, 0, 1, 1])])
+    with pytest.raises(InputError, match="outside the image"):
+        ConceptEntry(lora="a", prompt="a dog", region=[0.5, 0, 1.2, 1])
+    with pytest.raises(InputError, match="is empty"):
+        ConceptEntry(lora="a", prompt="a dog", region=[0.5, 0, 0.5, 1])
+    with pytest.raises(InputError, match="needs a region"):
+        spec(loras, "composer", concepts=[dict(lora="a", prompt="a dog")])
+    with pytest.raises(InputError, match="Unknown engine"):
+        spec(loras, "magic")
+    from PIL import Image
+
+    mask = tmp_path / "m.png"
+    Image.new("L", (32, 32), 255).save(mask)
+    with pytest.raises(InputError, match="32x32 but the image is 64x64"):
+        compose(pipe, spec(loras, "clora", concepts=[dict(lora=str(loras[0]), prompt="a dog", region=str(mask))]))
+    from studio.models import load_pipeline
+
+    sd = load_pipeline("tiny-sd")
+    sd_lora = make_lora(sd, tmp_path / "sd.safetensors", seed=3)
+    with pytest.raises(LoraFormatError, match="trained for SD1.5 but the loaded model is SDXL"):
+        compose(pipe, spec(loras, "merge", concepts=[dict(lora=str(sd_lora), prompt="a dog")]))
+    with pytest.raises(InputError, match="not in its prompt"):
+        compose(pipe, spec(loras, "clora", concepts=[dict(lora=str(loras[0]), prompt="a dog", token="cat")]))
+    with pytest.raises(LoraFormatError, match="not found"):
+        compose(pipe, spec(loras, "merge", concepts=[dict(lora=str(tmp_path / "none.safetensors"), prompt="a dog")]))
+
+
+def test_load_spec_yaml_json_and_cli(xl, tmp_path, capsys):
+    pipe, loras, _ = xl
+    data = {"prompt": "a dog and a cat", "engine": "composer", "steps": 2, "seed": 3, "width": 64, "height": 64,
+            "concepts": [{"lora": str(loras[0]), "prompt": "zwx dog", "region": {"box": [0, 0, 0.5, 1]}},
+                         {"lora": str(loras[1]), "prompt": "qrp cat", "region": "0.5,0,1,1"}],
+            "composer": {"loss_guidance": False}}
+    j = tmp_path / "s.json"
+    j.write_text(json.dumps(data))
+    s = load_spec(j)
+    assert s.concepts[1].box == (0.5, 0.0, 1.0, 1.0) and s.concepts[0].token == "dog" and not s.composer.loss_guidance
+    import yaml
+
+    y = tmp_path / "s.yaml"
+    y.write_text(yaml.safe_dump(data))
+    assert load_spec(y).to_dict() == s.to_dict()
+    (tmp_path / "bad.yaml").write_text("concepts: [")
+    with pytest.raises(InputError, match="not valid YAML"):
+        load_spec(tmp_path / "bad.yaml")
+    (tmp_path / "unk.json").write_text(json.dumps({**data, "colour": 1}))
+    with pytest.raises(InputError, match="Unknown field"):
+        load_spec(tmp_path / "unk.json")
+    c = parse_concept_arg(f"{loras[0]}:0.7:a photo of zwx dog:0,0,0.5,1")
+    assert c.weight == 0.7 and c.box == (0.0, 0.0, 0.5, 1.0) and c.prompt == "a photo of zwx dog"
+    from studio.cli import main
+
+    rc = main(["--workspace", str(tmp_path / "ws"), "compose", str(j), "--model", "tiny-sdxl", "--steps", "2"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "seed: 3" in out and ".png" in out
+    rc = main(["--workspace", str(tmp_path / "ws"), "compose", "--prompt", "a dog", "--model", "tiny-sdxl", "--steps", "2",
+               "--width", "64", "--height", "64", "--concept", f"{loras[0]}:0.8:zwx dog", "--engine", "merge", "--seed", "1"])
+    assert rc == 0 and "seed: 1" in capsys.readouterr().out
