@@ -243,6 +243,8 @@ def _train(worker: Worker, job_id: str, config: dict) -> dict:
     from .config import from_dict
 
     recipe = get_recipe(config.get("method", "dreambooth"))
+    if hasattr(recipe, "bind"):  # recipes that need the library (orthogonal: free basis slots)
+        recipe.bind(worker.ws)
     cfg = from_dict(recipe.config_cls, {"model": worker.model, **config})
     worker.release()  # training gets a fresh pipeline (adapters must not leak into generation)
     store = worker.store
@@ -268,17 +270,24 @@ def _generate(worker: Worker, job_id: str, config: dict) -> dict:
 def _compose(worker: Worker, job_id: str, config: dict) -> dict:
     from pipelines.compose import compose
 
-    from .composition import spec_from_dict
+    from .composition import CompositionSpec
+    from .config import from_dict
 
-    spec = spec_from_dict(config)
+    spec = from_dict(CompositionSpec, {**config, "model": worker.model})
     pipe = worker.pipeline()
     store = worker.store
     store.update(job_id, phase=f"composing ({spec.engine})", total=spec.steps)
     res = compose(pipe, spec, worker.ws, stop=store.controls(job_id).stop,
                   progress=lambda s, t: store.update(job_id, step=s, total=t))
-    out = {"outputs": [str(p) for p in res.paths], "seed": res.seed}
-    if getattr(res, "mask_paths", None):
-        out["masks"] = [str(p) for p in res.mask_paths]
+    out = {"outputs": [str(p) for p in res.paths], "seed": res.seed, "stats": res.stats}
+    if res.masks:
+        folder = worker.ws.outputs / "masks"
+        folder.mkdir(exist_ok=True)
+        out["masks"] = []
+        for i, m in enumerate(res.masks):
+            path = folder / f"{job_id}-{i}.png"
+            m.save(path)
+            out["masks"].append(str(path))
     return out
 
 

@@ -128,9 +128,9 @@ def submit_generate(services: Services, config: dict) -> str:
 
 
 def submit_compose(services: Services, spec: dict) -> str:
-    from studio.composition import spec_from_dict
+    from studio.composition import CompositionSpec
 
-    spec_from_dict(spec)  # validate up front
+    from_dict(CompositionSpec, {**spec, "model": services.model})  # validate up front: a bad spec is never queued
     return services.worker.submit("compose", spec)
 
 

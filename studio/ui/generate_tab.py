@@ -160,7 +160,8 @@ def _spec(services: Services, prompt, negative, engine, active, editor_value, de
             global_loras.append({"lora": a["lora"], "weight": a["weight"]})
             continue
         card = next((c for c in actions.lora_cards(services) if c["name"] == a["lora"]), {})
-        entry = {"lora": a["lora"], "weight": a["weight"], "prompt": card.get("trigger") or a["lora"], "region": None}
+        trigger = card.get("trigger") or a["lora"]
+        entry = {"lora": a["lora"], "weight": a["weight"], "prompt": f"a photo of {trigger}", "token": trigger, "region": None}
         if a["region"] in BOXES:
             entry["region"] = {"box": BOXES[a["region"]]}
         elif a["region"] in ("Subject A", "Subject B"):
@@ -174,11 +175,10 @@ def _spec(services: Services, prompt, negative, engine, active, editor_value, de
             Image.fromarray(m).save(path)
             entry["region"] = {"mask": str(path)}
         concepts.append(entry)
-    spec = {"prompt": prompt, "negative_prompt": negative, "engine": engine, "concepts": concepts, "global_loras": global_loras,
-            **common}
     if decor_remove and decor_remove.strip():
-        spec["decor_remove"], spec["decor_strength"] = decor_remove, float(decor_strength)
-    return spec
+        raise actions.InputError("DECOR works with the merge engine; clear the DECOR field to use composer or clora.")
+    return {"prompt": prompt, "negative_prompt": negative, "engine": engine, "concepts": concepts, "global_loras": global_loras,
+            **common}
 
 
 def _layer_masks(value) -> dict[str, np.ndarray]:

@@ -25,6 +25,15 @@ def build(services: Services) -> dict:
             rename = gr.Button("Rename", elem_id="library-rename")
             confirm = gr.Checkbox(label="Yes, delete this LoRA (it is moved to the workspace's trash/ folder)", elem_id="library-confirm")
             delete = gr.Button("Delete", variant="stop", elem_id="library-delete")
+            with gr.Accordion("Merge LoRAs (orthogonal adaptation: merge without interference)", open=False):
+                merge_pick = gr.Dropdown(choices=[], multiselect=True, label="LoRAs to merge", elem_id="library-merge-pick")
+                merge_lam = gr.Slider(0.1, 1.5, value=0.6, step=0.05, label="λ per LoRA (paper: 0.6)", elem_id="library-merge-lam")
+                merge_name = gr.Textbox(label="Name of the merged LoRA", elem_id="library-merge-name")
+                with gr.Row():
+                    merge_btn = gr.Button("Merge into one file", elem_id="library-merge")
+                    crosstalk_btn = gr.Button("Show crosstalk", elem_id="library-crosstalk")
+                crosstalk_out = gr.Code(label="Crosstalk (overlap of down-projections, output interference)", language=None,
+                                        elem_id="library-crosstalk-out")
             gr.Markdown("### Import a LoRA file")
             upload = gr.File(file_types=[".safetensors"], label="LoRA .safetensors (diffusers or kohya format)", elem_id="library-import")
             message = gr.Markdown(elem_id="library-message")
@@ -77,6 +86,36 @@ def build(services: Services) -> dict:
         except actions.StudioError as exc:
             raise gr.Error(str(exc)) from exc
         return (*refresh(), f"Imported **{name}**.")
+
+    def on_merge(picked, lam, name):
+        from studio.orthogonal import merge_loras
+
+        if not picked or len(picked) < 2:
+            raise gr.Error("Pick at least two LoRAs to merge.")
+        try:
+            res = merge_loras([services.ws.lora_path(n) for n in picked], services.ws.lora_path((name or "").strip()),
+                              lam=float(lam), name=name, ws=services.ws)
+        except actions.StudioError as exc:
+            raise gr.Error(str(exc)) from exc
+        for w in res.warnings:
+            gr.Warning(w)
+        kind = "exact orthogonal merge" if res.orthogonal else "plain merge (these LoRAs may interfere)"
+        return (*refresh(), f"Merged {', '.join(picked)} into **{name}** ({kind}, rank {res.rank}).")
+
+    def on_crosstalk(picked):
+        from studio.orthogonal import crosstalk
+
+        if not picked or len(picked) < 2:
+            raise gr.Error("Pick at least two LoRAs.")
+        try:
+            return crosstalk([services.ws.lora_path(n) for n in picked]).to_table(layers=True, top=20)
+        except actions.StudioError as exc:
+            raise gr.Error(str(exc)) from exc
+
+    merge_btn.click(on_merge, inputs=[merge_pick, merge_lam, merge_name], outputs=[cards, table, message], api_visibility="private")
+    crosstalk_btn.click(on_crosstalk, inputs=merge_pick, outputs=crosstalk_out, api_visibility="private")
+    cards.change(lambda: gr.update(choices=[c["name"] for c in actions.lora_cards(services) if not c.get("error")]),
+                 outputs=merge_pick, api_visibility="private")
 
     upload.upload(on_import, inputs=upload, outputs=[cards, table, message], api_visibility="private")
     return {"refresh": refresh, "outputs": [cards, table]}

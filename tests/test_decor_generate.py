@@ -1,0 +1,58 @@
+"""DECOR in generation, end to end on the tiny SD1.5 and SDXL models, and `studio decor analyze`."""
+
+import numpy as np
+import pytest
+
+from pipelines.generate import generate, read_png_params
+from studio.config import GenerateConfig
+from studio.errors import InputError
+
+
+def _img(pipe, **kw):
+    cfg = GenerateConfig(prompt="a red star on a blue striped background", seed=11, steps=3, **kw)
+    return np.asarray(generate(pipe, cfg).images[0], dtype=np.int16)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_sd", "tiny_sdxl"])
+def test_decor_changes_image_is_deterministic_and_alpha0_is_exact(fixture, request):
+    pipe = request.getfixturevalue(fixture)
+    plain = _img(pipe)
+    with_decor = _img(pipe, decor_remove="blue striped background", decor_strength=1.0)
+    again = _img(pipe, decor_remove="blue striped background", decor_strength=1.0)
+    zero = _img(pipe, decor_remove="blue striped background", decor_strength=0.0)
+    assert np.abs(with_decor - plain).mean() > 0.5
+    assert np.array_equal(with_decor, again)
+    assert np.array_equal(zero, plain)
+
+
+def test_decor_recorded_in_png(tiny_sd, ws):
+    res = generate(tiny_sd, GenerateConfig(prompt="a cat", seed=1, steps=2, decor_remove="grass", decor_strength=0.5), [], ws)
+    assert read_png_params(res.paths[0])["decor"] == {"remove": "grass", "strength": 0.5, "components": "auto"}
+
+
+@pytest.mark.parametrize("kw, needle", [
+    ({"decor_remove": "grass", "decor_strength": 1.5}, "strength"),
+    ({"decor_remove": "grass", "decor_components": "0"}, "component"),
+])
+def test_decor_bad_settings(tiny_sd, kw, needle):
+    with pytest.raises(InputError, match=needle):
+        generate(tiny_sd, GenerateConfig(prompt="a cat", seed=1, steps=2, **kw))
+
+
+def test_decor_k_larger_than_rank(tiny_sd):
+    with pytest.raises(InputError, match="at most"):
+        generate(tiny_sd, GenerateConfig(prompt="a cat", seed=1, steps=2, decor_remove="grass", decor_components="500"))
+
+
+def test_cli_generate_with_decor_and_analyze(tmp_path, capsys):
+    from studio.cli import main
+
+    assert main(["--workspace", str(tmp_path), "generate", "--model", "tiny-sd", "--prompt", "a dog on grass",
+                 "--steps", "2", "--seed", "3", "--decor-remove", "grass", "--decor-strength", "0.7"]) == 0
+    out = capsys.readouterr().out
+    assert "seed: 3" in out and ".png" in out
+    plot = tmp_path / "analysis.png"
+    assert main(["decor", "analyze", "a dog on grass", "--remove", "grass", "--model", "tiny-sd", "--components", "4",
+                 "--plot", str(plot)]) == 0
+    table = capsys.readouterr().out
+    assert "grass" in table and plot.is_file()
