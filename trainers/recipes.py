@@ -4,13 +4,11 @@ from __future__ import annotations
 
 from studio.errors import InputError
 
+from .blora import BLoraRecipe
 from .dreambooth import DreamBoothRecipe
+from .orthogonal import OrthogonalRecipe
 
-RECIPES: dict[str, type] = {"dreambooth": DreamBoothRecipe}
-from .blora import BLoraRecipe  # noqa: E402
-RECIPES["blora"] = BLoraRecipe
-from .orthogonal import OrthogonalRecipe  # noqa: E402
-RECIPES["orthogonal"] = OrthogonalRecipe
+RECIPES: dict[str, type] = {"dreambooth": DreamBoothRecipe, "blora": BLoraRecipe, "orthogonal": OrthogonalRecipe}
 
 
 def get_recipe(method: str):
