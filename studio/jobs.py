@@ -257,13 +257,24 @@ def _generate(worker: Worker, job_id: str, config: dict) -> dict:
 
     from .config import GenerateConfig, from_dict
 
-    loras = [LoraRef(worker.ws.resolve_lora(x["lora"]), float(x.get("weight", 1.0)), x["lora"]) for x in config.get("loras", [])]
-    cfg = from_dict(GenerateConfig, {**{k: v for k, v in config.items() if k != "loras"}, "model": worker.model})
+    def ref(item: dict) -> LoraRef:
+        return LoraRef(worker.ws.resolve_lora(item["lora"]), float(item.get("weight", 1.0)), item["lora"])
+
+    loras = [ref(x) for x in config.get("loras", [])]
+    blora = config.get("blora") or {}
+    cfg = from_dict(GenerateConfig, {**{k: v for k, v in config.items() if k not in ("loras", "blora")}, "model": worker.model})
     pipe = worker.pipeline()
     store = worker.store
     store.update(job_id, phase="generating", total=cfg.steps)
-    res = generate(pipe, cfg, loras, worker.ws, stop=store.controls(job_id).stop,
-                   progress=lambda s, t: store.update(job_id, step=s, total=t))
+    hooks = dict(stop=store.controls(job_id).stop, progress=lambda s, t: store.update(job_id, step=s, total=t))
+    if blora:  # B-LoRA style transfer: content and style files as two adapters (optionally per-block prompts)
+        from pipelines.blora import style_transfer
+
+        res = style_transfer(pipe, cfg, ref(blora["content"]) if blora.get("content") else None,
+                             ref(blora["style"]) if blora.get("style") else None, worker.ws,
+                             block_prompts=bool(blora.get("block_prompts")), extra_loras=loras, **hooks)
+    else:
+        res = generate(pipe, cfg, loras, worker.ws, **hooks)
     return {"outputs": [str(p) for p in res.paths], "seed": res.seed}
 
 

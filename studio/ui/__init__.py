@@ -75,15 +75,18 @@ def _api(services: Services) -> None:
 
     def generate(prompt: str, loras: str = "[]", seed: int = -1, steps: int = 25, guidance: float = 7.0,
                  width: int = 0, height: int = 0, negative_prompt: str = "", decor_remove: str = "",
-                 decor_strength: float = 1.0, wait: bool = True) -> dict:
-        """Generate; ``loras`` is JSON ``[{"lora": name, "weight": w}]``. Returns the job (outputs, seed) when done."""
+                 decor_strength: float = 1.0, wait: bool = True, blora: str = "") -> dict:
+        """Generate; ``loras`` is JSON ``[{"lora": name, "weight": w}]``; ``blora`` optional JSON
+        ``{"content": {"lora", "weight"}, "style": {...}, "block_prompts": bool}``. Returns the job when done."""
         try:
             cfg = dict(prompt=prompt, loras=json.loads(loras or "[]"), seed=int(seed), steps=int(steps), guidance=float(guidance),
                        width=int(width), height=int(height), negative_prompt=negative_prompt, decor_remove=decor_remove,
                        decor_strength=float(decor_strength))
+            if blora:
+                cfg["blora"] = json.loads(blora)
             job_id = actions.submit_generate(services, cfg)
             return actions.wait(services, job_id) if wait else services.store.get(job_id)
-        except (actions.InputError, json.JSONDecodeError) as exc:
+        except (actions.StudioError, json.JSONDecodeError) as exc:
             raise gr.Error(str(exc)) from exc
 
     def compose(spec: str, wait: bool = True) -> dict:

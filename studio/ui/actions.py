@@ -120,10 +120,17 @@ def submit_training(services: Services, files: list[str] | None, method: str, va
 def submit_generate(services: Services, config: dict) -> str:
     from studio.config import GenerateConfig
 
-    loras = config.get("loras", [])
-    for item in loras:
+    loras = list(config.get("loras", []))
+    blora = config.get("blora") or {}
+    for item in loras + [blora[k] for k in ("content", "style") if blora.get(k)]:
         services.ws.resolve_lora(item["lora"])
-    from_dict(GenerateConfig, {**{k: v for k, v in config.items() if k != "loras"}, "model": services.model})
+    if blora:
+        from studio.blora_io import require_role
+
+        for role in ("content", "style"):
+            if blora.get(role):
+                require_role(services.ws.resolve_lora(blora[role]["lora"]), role, allow_joint=True)
+    from_dict(GenerateConfig, {**{k: v for k, v in config.items() if k not in ("loras", "blora")}, "model": services.model})
     return services.worker.submit("generate", config)
 
 

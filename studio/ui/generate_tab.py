@@ -36,6 +36,18 @@ def build(services: Services) -> dict:
                     region = gr.Dropdown(REGIONS, value="everywhere", label="region", scale=1, elem_id=f"gen-lora-{i}-region")
                 rows.append((en, dd, w, role, region))
             engine = gr.Radio(ENGINES, value="merge", label="Engine", elem_id="gen-engine")
+            with gr.Accordion("B-LoRA style transfer: content of one image, style of another", open=False):
+                gr.Markdown("<span class='studio-hint'>Train B-LoRAs (method blora) on one image each, then pick the "
+                            "content of one and the style of another. Write [c] and [s] in the prompt for their tokens, "
+                            "e.g. 'A [c] in [s] style'.</span>")
+                with gr.Row():
+                    bl_content = gr.Dropdown(choices=[], label="Content B-LoRA", elem_id="gen-blora-content")
+                    bl_cw = gr.Slider(0, 2, value=1.0, step=0.05, label="content weight", elem_id="gen-blora-content-weight")
+                with gr.Row():
+                    bl_style = gr.Dropdown(choices=[], label="Style B-LoRA", elem_id="gen-blora-style")
+                    bl_sw = gr.Slider(0, 2, value=1.0, step=0.05, label="style weight", elem_id="gen-blora-style-weight")
+                bl_blocks = gr.Checkbox(label="Per-block prompts (content block sees only 'A [c]', paper supplement)",
+                                        elem_id="gen-blora-blocks")
             with gr.Accordion("DECOR: remove a meaning from the prompt", open=False):
                 decor_remove = gr.Textbox(label="Remove (text)", placeholder="e.g. the background of the reference images",
                                           info="Projects this text's meaning out of the prompt embeddings (DECOR).",
@@ -68,12 +80,15 @@ def build(services: Services) -> dict:
     history = gr.State([])
 
     def refresh():
-        names = [c["name"] for c in actions.lora_cards(services) if c.get("compatible") is not False and not c.get("error")]
-        return [gr.update(choices=names) for _ in range(N_ROWS)]
+        cards = [c for c in actions.lora_cards(services) if c.get("compatible") is not False and not c.get("error")]
+        names = [c["name"] for c in cards]
+        content = [""] + [c["name"] for c in cards if c.get("role") in ("content", "joint")]
+        style = [""] + [c["name"] for c in cards if c.get("role") in ("style", "joint")]
+        return [gr.update(choices=names) for _ in range(N_ROWS)] + [gr.update(choices=content), gr.update(choices=style)]
 
     row_inputs = [c for r in rows for c in r]
 
-    def on_go(p, neg, eng, dr, ds, sd, st, g, wd, ht, ed, *row_vals):
+    def on_go(p, neg, eng, dr, ds, sd, st, g, wd, ht, ed, bc, bcw, bs, bsw, bb, *row_vals):
         try:
             seed_v = int(str(sd).strip() or -1)
         except ValueError as exc:
@@ -87,9 +102,12 @@ def build(services: Services) -> dict:
                 active.append({"lora": name, "weight": float(w), "role": role, "region": region})
         common = dict(seed=seed_v, steps=int(st), guidance=float(g), width=int(wd or 0), height=int(ht or 0))
         try:
-            if eng == "merge":
+            if eng == "merge" or bc or bs:
                 cfg = dict(prompt=p, negative_prompt=neg, loras=[{"lora": a["lora"], "weight": a["weight"]} for a in active],
                            decor_remove=dr, decor_strength=float(ds), **common)
+                if bc or bs:
+                    cfg["blora"] = {"content": {"lora": bc, "weight": float(bcw)} if bc else None,
+                                    "style": {"lora": bs, "weight": float(bsw)} if bs else None, "block_prompts": bool(bb)}
                 jid = actions.submit_generate(services, cfg)
             else:
                 jid = actions.submit_compose(services, _spec(services, p, neg, eng, active, ed, dr, ds, common))
@@ -109,7 +127,7 @@ def build(services: Services) -> dict:
                res.get("masks", []))
 
     go.click(on_go, inputs=[prompt, negative, engine, decor_remove, decor_strength, seed, steps, guidance, width, height, editor,
-                            *row_inputs],
+                            bl_content, bl_cw, bl_style, bl_sw, bl_blocks, *row_inputs],
              outputs=[job_id, status, gallery, used_seed, masks], api_visibility="private", concurrency_limit=None)
     stop.click(lambda j: services.store.request(j, "stop") if j else None, inputs=job_id, api_visibility="private")
 
@@ -148,7 +166,7 @@ def build(services: Services) -> dict:
     for en, dd, w, _, _ in rows:
         reuse_outputs += [en, dd, w]
     reuse.click(on_reuse, inputs=selected_image, outputs=reuse_outputs, api_visibility="private")
-    return {"refresh": refresh, "refresh_outputs": [r[1] for r in rows]}
+    return {"refresh": refresh, "refresh_outputs": [r[1] for r in rows] + [bl_content, bl_style]}
 
 
 def _spec(services: Services, prompt, negative, engine, active, editor_value, decor_remove, decor_strength, common) -> dict:
