@@ -222,7 +222,7 @@ def load_pipeline(ref: str, device: str | None = None, dtype: str | torch.dtype 
 
         cls = StableDiffusionXLPipeline if arch == ARCH_SDXL else StableDiffusionPipeline
         try:
-            pipe = cls.from_single_file(str(path), config=offline_config_dir(arch), local_files_only=True, torch_dtype=dt)
+            pipe = cls.from_single_file(str(path), config=offline_config_dir(arch), local_files_only=True, dtype=dt)
         except Exception as exc:  # noqa: BLE001
             raise ModelError(f"Could not load the {arch.upper()} checkpoint {path.name}: {exc}") from exc
     elif path.is_dir():
@@ -257,7 +257,7 @@ def _from_pretrained(ref: str, dtype: torch.dtype, local: bool):
             index = _read_json(Path(ref) / "model_index.json")
             if index.get("_class_name") not in ("StableDiffusionPipeline", "StableDiffusionXLPipeline"):
                 raise ModelError(f"{ref} holds a {index.get('_class_name')}; only SD1.5- and SDXL-architecture models are supported.")
-        pipe = DiffusionPipeline.from_pretrained(ref, torch_dtype=dtype, local_files_only=local, use_safetensors=True)
+        pipe = DiffusionPipeline.from_pretrained(ref, dtype=dtype, local_files_only=local, use_safetensors=True)
     except ModelError:
         raise
     except Exception as exc:  # noqa: BLE001

@@ -1,0 +1,57 @@
+"""Model loading: bundled models, the real tokenizer, local folders, single files and clear errors."""
+
+import pytest
+import torch
+
+from studio.errors import ModelError
+from studio.models import architecture, load_pipeline, load_tokenizer, peek_architecture
+
+
+def test_tokenizer_is_real_clip_bpe():
+    tok = load_tokenizer()
+    assert len(tok) == 49408
+    assert tok("a photo of a dog").input_ids == [49406, 320, 1125, 539, 320, 1929, 49407]
+    assert load_tokenizer(pad_token="!")("a dog", padding="max_length").input_ids[4:6] == [0, 0]
+
+
+def test_bundled_architectures(tiny_sd, tiny_sdxl):
+    assert architecture(tiny_sd) == "sd15" and architecture(tiny_sdxl) == "sdxl"
+    names = {n for n, _ in tiny_sdxl.unet.named_modules()}
+    assert {f"up_blocks.0.attentions.{a}.transformer_blocks.{t}.attn2" for a in (0, 1) for t in range(3)} <= names
+    assert peek_architecture("tiny-sdxl") == "sdxl" and peek_architecture("tiny-sd") == "sd15"
+
+
+def test_bundled_models_are_deterministic(tiny_sd):
+    again = load_pipeline("tiny-sd")
+    for (n, a), (_, b) in zip(tiny_sd.unet.state_dict().items(), again.unet.state_dict().items()):
+        assert torch.equal(a, b), n
+
+
+def test_local_diffusers_folder_roundtrip(tiny_sd, tmp_path):
+    tiny_sd.save_pretrained(tmp_path / "model", safe_serialization=True)
+    pipe = load_pipeline(str(tmp_path / "model"))
+    assert architecture(pipe) == "sd15"
+    assert torch.equal(pipe.unet.conv_in.weight, tiny_sd.unet.conv_in.weight)
+
+
+def test_errors(tmp_path):
+    with pytest.raises(ModelError, match="Unknown model"):
+        load_pipeline("no-such-model")
+    with pytest.raises(ModelError, match="not a diffusers model folder"):
+        load_pipeline(str(tmp_path))
+    pickle = tmp_path / "model.ckpt"
+    pickle.write_bytes(b"\x80\x04K\x01.")
+    with pytest.raises(ModelError, match="only .safetensors"):
+        load_pipeline(str(pickle))
+    from safetensors.torch import save_file
+
+    other = tmp_path / "flux.safetensors"
+    save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(2, 2)}, other)
+    with pytest.raises(ModelError, match="not an SD1.5 or SDXL checkpoint"):
+        load_pipeline(str(other))
+    lora = tmp_path / "lora.safetensors"
+    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(2, 2)}, lora)
+    with pytest.raises(ModelError, match="is a LoRA"):
+        load_pipeline(str(lora))
+    with pytest.raises(ModelError, match="Could not load"):  # offline: a hub id that is not cached fails clearly
+        load_pipeline("someone/not-a-cached-model")
