@@ -214,3 +214,10 @@ def test_two_process_training_writes_one_file(tmp_path):
     files = sorted(p.name for p in (tmp_path / "ws" / "loras").glob("*.safetensors"))
     assert files == ["ddp.safetensors"]
     assert proc.stdout.count('"status": "succeeded"') >= 1
+
+
+def test_successive_runs_with_different_precision_in_one_process(ws):
+    """The studio's worker trains many runs in one process: accelerate's singleton state must not block that."""
+    for i, mp in enumerate(("no", "bf16", "no")):
+        r = train(_cfg(name=f"mp{i}", steps=1, rank=2, mixed_precision=mp), DreamBoothRecipe(), ws)
+        assert r.status == "succeeded"

@@ -332,7 +332,8 @@ def _mixed_precision(cfg: TrainConfig, device: torch.device) -> str:
 def train(cfg: TrainConfig, recipe: Recipe, ws: Workspace, *, pipe=None, events: Events | None = None,
           controls: Controls | None = None) -> TrainResult:
     """Train a LoRA with ``recipe``; returns the written files. Raises StudioError subclasses with user messages."""
-    from accelerate import Accelerator
+    from accelerate import Accelerator, PartialState
+    from accelerate.state import AcceleratorState
     from diffusers.optimization import get_scheduler
 
     controls = controls or Controls()
@@ -342,9 +343,11 @@ def train(cfg: TrainConfig, recipe: Recipe, ws: Workspace, *, pipe=None, events:
     _emit(events, type="phase", phase="loading", detail="validating images")
     refs = D.load_dataset(ws.resolve_dataset(cfg.images), use_captions=cfg.use_captions)
 
-    probe = Accelerator(cpu=not torch.cuda.is_available())
-    device = probe.device
+    device = PartialState(cpu=not torch.cuda.is_available()).device
     mp = _mixed_precision(cfg, device)
+    if AcceleratorState._shared_state and AcceleratorState().mixed_precision != mp:
+        # the studio's worker trains many runs in one process; accelerate's state is a process-wide singleton
+        AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision=mp, gradient_accumulation_steps=cfg.grad_accum, cpu=device.type == "cpu")
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mp, torch.float32)
     _emit(events, type="phase", phase="loading", detail=f"loading {cfg.model}")
