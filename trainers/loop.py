@@ -538,7 +538,9 @@ def _dataset_hash(refs) -> str:
 def _sample(pipe, cfg: TrainConfig, ws: Workspace, step: int, resolution: int) -> Path:
     prompt = cfg.sample_prompt or cfg.prompt()
     gen = torch.Generator("cpu").manual_seed(cfg.seed)
-    img = pipe(prompt, num_inference_steps=cfg.sample_steps, height=resolution, width=resolution, generator=gen).images[0]
+    dtype = pipe.unet.dtype  # fp32 LoRA layers inside a bf16/fp16 UNet need autocast, as in training
+    with torch.autocast(pipe.unet.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        img = pipe(prompt, num_inference_steps=cfg.sample_steps, height=resolution, width=resolution, generator=gen).images[0]
     folder = ws.jobs / "samples" / cfg.name
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step_{step:06d}.png"
