@@ -23,6 +23,7 @@ def build(services: Services) -> dict:
             download = gr.DownloadButton("Download .safetensors", elem_id="library-download", visible=False)
             new_name = gr.Textbox(label="New name", elem_id="library-new-name")
             rename = gr.Button("Rename", elem_id="library-rename")
+            split = gr.Button("Split B-LoRA into content and style entries", elem_id="library-split")
             confirm = gr.Checkbox(label="Yes, delete this LoRA (it is moved to the workspace's trash/ folder)", elem_id="library-confirm")
             delete = gr.Button("Delete", variant="stop", elem_id="library-delete")
             with gr.Accordion("Merge LoRAs (orthogonal adaptation: merge without interference)", open=False):
@@ -62,6 +63,19 @@ def build(services: Services) -> dict:
         return (*refresh(), f"Renamed {old} → {new}.", new)
 
     rename.click(on_rename, inputs=[selected, new_name], outputs=[cards, table, message, selected], api_visibility="private")
+
+    def on_split(name):
+        from studio.blora_io import split_into_library
+
+        if not name:
+            raise gr.Error("Select a B-LoRA first.")
+        try:
+            made = split_into_library(services.ws, name)
+        except actions.StudioError as exc:
+            raise gr.Error(str(exc)) from exc
+        return (*refresh(), "Split into " + ", ".join(f"**{v}** ({k})" for k, v in made.items()) + ".")
+
+    split.click(on_split, inputs=selected, outputs=[cards, table, message], api_visibility="private")
 
     def on_delete(name, ok):
         if not name:
