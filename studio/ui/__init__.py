@@ -116,4 +116,4 @@ def launch(demo: gr.Blocks, port: int = 7860, auth: tuple[str, str] | None = Non
     allowed = [str(workspace)] if workspace else None
     return demo.launch(server_name="127.0.0.1", server_port=port, share=False, auth=auth, theme=theme(), css=CSS,
                        prevent_thread_lock=prevent_thread_lock, allowed_paths=allowed, footer_links=["api"],
-                       show_error=True, quiet=prevent_thread_lock)
+                       show_error=True, quiet=True)
