@@ -133,6 +133,10 @@ class Cond:
     text_embeds: torch.Tensor | None = None  # SDXL pooled
     time_ids: torch.Tensor | None = None
 
+    def rows(self, sel: slice) -> "Cond":
+        pick = lambda x: None if x is None else x[sel]  # noqa: E731
+        return Cond(self.emb[sel], pick(self.text_embeds), pick(self.time_ids))
+
 
 class Sampler:
     """The pieces of diffusers' SD/SDXL ``__call__`` the regional engines re-assemble."""

@@ -12,6 +12,7 @@ Weights are linear (a weight w scales the LoRA's ΔW by w), as everywhere in the
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -206,7 +207,7 @@ def parse_region(region, label: str = "concept"):
             region = str(region["mask"])
         else:
             raise InputError(f"Region of {label}: give 'box' or 'mask'.")
-    if isinstance(region, str) and region.count(",") == 3 and not Path(region).suffix:
+    if isinstance(region, str) and re.fullmatch(r"\s*[-+\d.eE]+(\s*,\s*[-+\d.eE]+){3}\s*", region):
         region = region.split(",")
     if isinstance(region, str):
         return region

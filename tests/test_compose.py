@@ -69,9 +69,10 @@ def img(r):
 
 def state_of(pipe):
     procs = {k: type(v).__name__ + str(id(v)) for k, v in pipe.unet.attn_processors.items()}
-    adapters = {n: sorted(getattr(getattr(pipe, n), "peft_config", {}) or {}) for n in ("unet", "text_encoder", "text_encoder_2")}
+    adapters = {n: sorted(getattr(getattr(pipe, n, None), "peft_config", {}) or {}) for n in ("unet", "text_encoder", "text_encoder_2")}
     hooks = sum(len(m._forward_pre_hooks) for m in pipe.unet.modules())
-    weight = pipe.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q.weight.detach().clone()
+    to_q = next(m for n, m in pipe.unet.named_modules() if n.endswith("attn1.to_q"))
+    weight = to_q.weight.detach().clone()
     return procs, adapters, hooks, weight
 
 
@@ -215,7 +216,7 @@ def test_contrastive_loss_decreases(xl):
         t = sm.timesteps()[0]
         s.clora.step_size = 20.0
         for _ in range(6):
-            lat, _, _, loss = contrastive_update(sm, ctl, lat, t, conds, groups, s.clora, 2)
+            lat, _, _, loss = contrastive_update(sm, ctl, lat, t, conds, groups, s.clora, 2, sess.unet_router, adapters)
             losses.append(loss)
     assert losses[-1] < losses[0], losses
 
