@@ -178,6 +178,30 @@ def cmd_decor(args) -> int:
     return 0
 
 
+def cmd_compose(args) -> int:
+    """``studio compose SPEC.yaml|json`` or flags (--prompt, --concept LORA:WEIGHT:PROMPT[:x0,y0,x1,y1], --engine)."""
+    from pipelines.compose import compose
+
+    from .composition import CompositionSpec, load_spec, parse_concept_arg
+    from .models import load_pipeline
+
+    over = {k: getattr(args, k) for k in ("engine", "seed", "steps", "guidance", "width", "height", "negative_prompt")}
+    if args.spec:
+        spec = load_spec(args.spec, **over, **({"prompt": args.prompt} if args.prompt else {}))
+    else:
+        concepts = [parse_concept_arg(c) for c in args.concept or []]
+        spec = CompositionSpec(prompt=args.prompt or "", concepts=concepts,
+                               global_loras=[{"lora": g.rpartition(":")[0] or g, "weight": float(g.rpartition(":")[2])
+                                              if g.rpartition(":")[0] else 1.0} for g in args.global_lora or []],
+                               **{k: v for k, v in over.items() if v is not None})
+    pipe = load_pipeline(args.model or spec.model or "tiny-sdxl", device=args.device)
+    result = compose(pipe, spec, _workspace(args))
+    for p in result.paths:
+        print(p)
+    print(f"seed: {result.seed}")
+    return 0
+
+
 def cmd_serve(args) -> int:
     from app import main as app_main
 
@@ -251,6 +275,23 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     da.add_argument("--device", default=None)
     da.add_argument("--plot", default="", help="Write a PNG plot here.")
     d.set_defaults(fn=cmd_decor)
+
+    co = sub.add_parser("compose", help="Compose several LoRAs in one image (merge, LoRA-Composer, CLoRA).")
+    co.add_argument("spec", nargs="?", default=None, help="YAML/JSON spec file (flags below override its fields).")
+    co.add_argument("--prompt", default=None, help="Base prompt for the whole image.")
+    co.add_argument("--negative-prompt", dest="negative_prompt", default=None)
+    co.add_argument("--concept", action="append", default=None,
+                    help="Concept LORA:WEIGHT:PROMPT[:x0,y0,x1,y1] (box as fractions); repeat for several.")
+    co.add_argument("--global-lora", dest="global_lora", action="append", default=None, help="LoRA applied everywhere, NAME_OR_PATH[:WEIGHT].")
+    co.add_argument("--engine", choices=["merge", "composer", "clora"], default=None)
+    co.add_argument("--seed", type=int, default=None)
+    co.add_argument("--steps", type=int, default=None)
+    co.add_argument("--guidance", type=float, default=None)
+    co.add_argument("--width", type=int, default=None)
+    co.add_argument("--height", type=int, default=None)
+    co.add_argument("--model", default=None, help="Base model (default: the spec's, else tiny-sdxl).")
+    co.add_argument("--device", default=None)
+    co.set_defaults(fn=cmd_compose)
 
     s = sub.add_parser("serve", help="Launch the studio web UI (same as app.py).")
     s.add_argument("--model", default=None)
