@@ -178,6 +178,9 @@ class Sampler:
     # -------------------------------------------------------------------------------------------- sampling
     def latents(self) -> torch.Tensor:
         pipe = self.pipe
+        # the initial noise is scaled by init_noise_sigma, which (Euler and others) depends on the timesteps of
+        # *this* run: set them first, or a fresh scheduler scales the first run by its 1000-step sigma
+        pipe.scheduler.set_timesteps(self.steps, device=self.device)
         lat = pipe.prepare_latents(1, pipe.unet.config.in_channels, self.height, self.width, self.dtype, self.device,
                                    self.gen, None)
         return lat
