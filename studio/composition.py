@@ -19,17 +19,11 @@ from typing import Any
 
 import torch
 
-from .config import SEED_MAX
+from .config import SEED_MAX, _f
 from .errors import InputError, LoraFormatError
 
 ENGINES = ("merge", "composer", "clora")
 Box = tuple[float, float, float, float]
-
-
-def _f(default: Any, help: str, **meta: Any) -> Any:
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **meta})
-    return field(default=default, metadata={"help": help, **meta})
 
 
 @dataclass(kw_only=True)
