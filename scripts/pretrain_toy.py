@@ -312,6 +312,8 @@ def main(argv=None) -> int:
     ap.add_argument("--vae-from", default=None, help="reuse the VAE of an earlier run (a pipeline folder)")
     ap.add_argument("--vae-lr", type=float, default=1e-3)
     ap.add_argument("--vae-batch", type=int, default=16)
+    ap.add_argument("--init-from", default=None,
+                    help="continue from the UNet and text encoders of a saved toy pipeline (use with --vae-from)")
     ap.add_argument("--vae-only", action="store_true", help="train the VAE and save it to OUT/vae, then stop")
     args = ap.parse_args(argv)
 
@@ -319,8 +321,19 @@ def main(argv=None) -> int:
     random.seed(args.seed)
     t_start = time.time()
     vae, te1, te2, unet, sched = build_components(args.seed)
+    if args.init_from:  # continue pretraining a saved toy pipeline (UNet and text encoders; VAE via --vae-from)
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+        unet = UNet2DConditionModel.from_pretrained(args.init_from, subfolder="unet", dtype=torch.float32)
+        te1 = CLIPTextModel.from_pretrained(args.init_from, subfolder="text_encoder", dtype=torch.float32)
+        te2 = CLIPTextModelWithProjection.from_pretrained(args.init_from, subfolder="text_encoder_2",
+                                                          dtype=torch.float32)
     tok1, tok2 = build_tokenizers()
     info = {"seed": args.seed, "threads": args.threads, "torch": torch.__version__, "args": vars(args)}
+    if args.init_from:
+        prev = Path(args.init_from) / "training_info.json"
+        info["continued_from"] = json.loads(prev.read_text()) if prev.exists() else args.init_from
     if args.vae_from:
         from diffusers import AutoencoderKL
 
