@@ -7,7 +7,7 @@ PORT ?= 7860
 MODEL ?=
 ARGS ?=
 
-.PHONY: run test install e2e bench bench-quality clean
+.PHONY: run test install bench bench-quality clean
 
 $(STAMP): pyproject.toml scripts/install.sh
 	bash scripts/install.sh $(VENV)
@@ -23,6 +23,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/train_speed.py
+
+bench-quality: $(STAMP)
+	$(BIN)/python bench/quality.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -93,15 +93,15 @@ def build_from_configs(folder: Path, seed: int = 0, weights: bool = False):
     scheduler = EulerDiscreteScheduler.from_config(sched_cfg)
 
     def text_encoder(sub: str, cls):
-        if weights:
-            return cls.from_pretrained(folder / sub, local_files_only=True)
+        if weights:  # stored in fp16 to keep the repository small; computed in fp32 (or the caller's dtype)
+            return cls.from_pretrained(folder / sub, local_files_only=True, dtype=torch.float32)
         cfg = CLIPTextConfig.from_dict(_read_json(folder / sub / "config.json"))
         torch.manual_seed(seed)
         return cls(cfg)
 
     if weights:
-        unet = UNet2DConditionModel.from_pretrained(folder / "unet", local_files_only=True)
-        vae = AutoencoderKL.from_pretrained(folder / "vae", local_files_only=True)
+        unet = UNet2DConditionModel.from_pretrained(folder / "unet", local_files_only=True, dtype=torch.float32)
+        vae = AutoencoderKL.from_pretrained(folder / "vae", local_files_only=True, dtype=torch.float32)
     else:
         torch.manual_seed(seed)
         unet = UNet2DConditionModel.from_config(_read_json(folder / "unet" / "config.json"))

@@ -55,3 +55,9 @@ def test_errors(tmp_path):
         load_pipeline(str(lora))
     with pytest.raises(ModelError, match="Could not load"):  # offline: a hub id that is not cached fails clearly
         load_pipeline("someone/not-a-cached-model")
+
+
+def test_bundled_toy_model_loads_in_fp32():
+    pipe = load_pipeline("toy-xl")
+    assert architecture(pipe) == "sdxl" and pipe.unet.dtype == torch.float32 and pipe.text_encoder.dtype == torch.float32
+    assert peek_architecture("toy-xl") == "sdxl"
