@@ -83,11 +83,26 @@ def lora_stack(pipe, loras: list[LoraRef]):
                 raise LoraFormatError(f"Could not load {ref.path.name} as a LoRA: {exc}") from exc
             names.append(name)
         if names:
-            pipe.set_adapters(names, adapter_weights=[r.weight for r in loras])
+            activate_adapters(pipe, names, [r.weight for r in loras])
         yield names
     finally:
         if names:
             pipe.delete_adapters(names)
+
+
+def activate_adapters(pipe, names: list[str], weights: list[float]) -> None:
+    """Activate named adapters with linear weights in every component that has them.
+
+    This is what ``pipe.set_adapters`` does for plain float weights, without its per-block scale expansion, which
+    assumes an int ``layers_per_block`` and fails on UNets that give one per block (the bundled toy-xl)."""
+    from diffusers.utils.peft_utils import set_weights_and_activate_adapters
+
+    for comp in ("unet", "text_encoder", "text_encoder_2"):
+        model = getattr(pipe, comp, None)
+        config = getattr(model, "peft_config", None) or {}
+        present = [(n, w) for n, w in zip(names, weights) if n in config]
+        if present:
+            set_weights_and_activate_adapters(model, [n for n, _ in present], [float(w) for _, w in present])
 
 
 def lora_entries(loras: list[LoraRef]) -> list[dict]:

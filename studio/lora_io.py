@@ -238,17 +238,24 @@ def check_compatible(pipe, path: Path) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------------ kohya
-def sgm_block_name(module: str, layers_per_block: int) -> str:
-    """Map a diffusers UNet module path to Stability's SGM naming (SDXL kohya files)."""
-    lpb = layers_per_block
+def sgm_block_name(module: str, layers_per_block) -> str:
+    """Map a diffusers UNet module path to Stability's SGM naming (SDXL kohya files).
+
+    ``layers_per_block`` is the UNet config's value: one int, or one int per down block (up blocks mirror it and
+    have one layer more each)."""
+    def offset(i: int, counts) -> int:  # first SGM index of block i
+        return sum(c + 1 for c in counts[:i])
+
     m = re.match(r"down_blocks\.(\d+)\.(attentions|resnets)\.(\d+)\.(.*)", module)
     if m:
         i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
-        return f"input_blocks.{1 + i * (lpb + 1) + j}.{1 if kind == 'attentions' else 0}.{rest}"
+        counts = [layers_per_block] * (i + 1) if isinstance(layers_per_block, int) else list(layers_per_block)
+        return f"input_blocks.{1 + offset(i, counts) + j}.{1 if kind == 'attentions' else 0}.{rest}"
     m = re.match(r"up_blocks\.(\d+)\.(attentions|resnets)\.(\d+)\.(.*)", module)
     if m:
         i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
-        return f"output_blocks.{i * (lpb + 1) + j}.{1 if kind == 'attentions' else 0}.{rest}"
+        counts = [layers_per_block] * (i + 1) if isinstance(layers_per_block, int) else list(reversed(layers_per_block))
+        return f"output_blocks.{offset(i, counts) + j}.{1 if kind == 'attentions' else 0}.{rest}"
     m = re.match(r"mid_block\.(attentions|resnets)\.(\d+)\.(.*)", module)
     if m:
         kind, j, rest = m[1], int(m[2]), m[3]
@@ -257,7 +264,7 @@ def sgm_block_name(module: str, layers_per_block: int) -> str:
 
 
 def to_kohya(components: dict[str, dict[str, torch.Tensor]], arch: str, alpha: float, rank: int,
-             layers_per_block: int) -> dict[str, torch.Tensor]:
+             layers_per_block) -> dict[str, torch.Tensor]:
     """Convert per-component PEFT states to a kohya/A1111/ComfyUI state dict (``lora_down``/``lora_up``/``alpha``)."""
     out: dict[str, torch.Tensor] = {}
     for comp, state in components.items():
@@ -305,7 +312,7 @@ def convert(src: Path, dst: Path, to: str, layers_per_block: int | None = None) 
         components = {c: s for c, s in components.items() if s}
         rank = int(meta.get("studio.rank", 0)) or max(v.shape[0] for k, v in tensors.items() if k.endswith("lora_A.weight"))
         alpha = float(meta.get("studio.alpha", rank))
-        lpb = layers_per_block or int(meta.get("studio.layers_per_block", 2))
+        lpb = layers_per_block or json.loads(meta.get("studio.layers_per_block", "2"))
         atomic_save_safetensors(Path(dst), to_kohya(components, arch, alpha, rank, lpb), kohya_metadata(meta))
         return Path(dst)
     if to == "diffusers":

@@ -61,3 +61,28 @@ def test_bundled_toy_model_loads_in_fp32():
     pipe = load_pipeline("toy-xl")
     assert architecture(pipe) == "sdxl" and pipe.unet.dtype == torch.float32 and pipe.text_encoder.dtype == torch.float32
     assert peek_architecture("toy-xl") == "sdxl"
+
+
+def test_lora_on_toy_model_with_per_block_layers(tmp_path):
+    """toy-xl gives layers_per_block per block: training, the kohya export and LoRA generation must all work."""
+    import numpy as np
+
+    from pipelines.generate import LoraRef, generate
+    from studio import lora_io
+    from studio.config import GenerateConfig, TrainConfig
+    from studio.library import Workspace
+    from trainers.dreambooth import DreamBoothRecipe
+    from trainers.loop import train
+
+    from .conftest import EXAMPLES
+
+    ws = Workspace(tmp_path / "ws")
+    train(TrainConfig(name="toy", images=str(EXAMPLES), model="toy-xl", steps=2, rank=2, lr=1e-2, sample_steps=1),
+          DreamBoothRecipe(), ws)
+    kohya_keys = lora_io.read_header(ws.exports / "toy.kohya.safetensors")[0]
+    assert any(k.startswith("lora_unet_output_blocks_0_1_") for k in kohya_keys)
+    pipe = load_pipeline("toy-xl")
+    cfg = GenerateConfig(prompt="a photo of zwx", seed=1, steps=2)
+    base = np.asarray(generate(pipe, cfg).images[0], dtype=np.float32)
+    with_lora = np.asarray(generate(pipe, cfg, [LoraRef(ws.lora_path("toy"), 1.0)]).images[0], dtype=np.float32)
+    assert np.abs(base - with_lora).mean() > 0.1

@@ -12,6 +12,7 @@ cached once when the text encoders are frozen.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from studio import lora_io
@@ -67,7 +68,7 @@ class DreamBoothRecipe:
             "steps": str(info["steps"]),
             "dataset_size": str(info["dataset_size"]),
             "dataset_hash": info.get("dataset_hash", ""),
-            "layers_per_block": str(pipe.unet.config.layers_per_block),
+            "layers_per_block": json.dumps(pipe.unet.config.layers_per_block),
             "base_model": getattr(pipe, "studio_ref", cfg.model),
             "config": to_dict(cfg),
             "modelspec.trigger_phrase": cfg.trigger,
