@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     p.add_argument("--engines", default="merge,composer,clora")
     p.add_argument("--device", default=None, help="cpu, cuda, … (default: CPU, then the GPU too when present)")
     p.add_argument("--repeats", type=int, default=1)
-    p.add_argument("--out", default="bench/compose_speed.json")
+    p.add_argument("--out", default="bench/results/compose_speed.json")
     a = p.parse_args(argv)
     devices = [a.device] if a.device else (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     results = [bench(a.model, a.size, a.steps, d, a.max_loras, a.engines.split(","), a.repeats) for d in devices]
