@@ -40,7 +40,7 @@ from studio.composition import ResolvedSpec, token_positions
 @torch.no_grad()
 def run_clora(pipe, rs: ResolvedSpec, seed: int, stop=None, progress=None) -> ComposeResult:
     s, opt = rs.spec, rs.spec.clora
-    sm = Sampler(pipe, rs.width, rs.height, s.steps, s.guidance, seed)
+    sm = Sampler(pipe, rs.width, rs.height, s.steps, s.guidance, seed, decor=s.decor())
     stats = {"steps": s.steps, "optimised_steps": 0, "losses": []}
     with engine_session(pipe, rs) as sess:
         prompts = [s.prompt] + [c.prompt for c in s.concepts]

@@ -88,7 +88,8 @@ def _merge(pipe, rs: ResolvedSpec, seed: int, stop, progress) -> ComposeResult:
     s = rs.spec
     concepts, globals_ = _refs(rs)
     cfg = GenerateConfig(prompt=s.prompt, negative_prompt=s.negative_prompt, seed=seed, steps=s.steps, guidance=s.guidance,
-                         width=rs.width, height=rs.height, model=getattr(pipe, "studio_ref", s.model or "tiny-sdxl"))
+                         width=rs.width, height=rs.height, model=getattr(pipe, "studio_ref", s.model or "tiny-sdxl"),
+                         decor_remove=s.decor_remove, decor_strength=s.decor_strength, decor_components=s.decor_components)
     out = generate(pipe, cfg, concepts + globals_, None, stop=stop, progress=progress, save=False)
     cfg_mult = 2 if s.guidance > 1 else 1
     return ComposeResult([], seed, out.images, stats={"unet_evals": cfg_mult * s.steps, "steps": s.steps})
@@ -141,8 +142,9 @@ class Cond:
 class Sampler:
     """The pieces of diffusers' SD/SDXL ``__call__`` the regional engines re-assemble."""
 
-    def __init__(self, pipe, width: int, height: int, steps: int, guidance: float, seed: int):
+    def __init__(self, pipe, width: int, height: int, steps: int, guidance: float, seed: int, decor=None):
         self.pipe, self.width, self.height, self.steps, self.guidance = pipe, width, height, steps, guidance
+        self.decor = decor  # DecorSpec applied to the conditional embeddings of every pass (None: off)
         self.device = pipe._execution_device
         self.dtype = pipe.unet.dtype
         self.xl = architecture(pipe) == "sdxl"
@@ -162,6 +164,10 @@ class Sampler:
                 emb, neg, pooled, neg_pooled = pipe.encode_prompt(
                     prompt=prompt, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=self.cfg,
                     negative_prompt=negative or None)
+                if self.decor is not None:
+                    from studio.decor import apply_decor_with_pipeline
+
+                    emb, pooled = apply_decor_with_pipeline(pipe, self.decor, [prompt], emb, pooled)
                 proj = pipe.text_encoder_2.config.projection_dim
                 tid = pipe._get_add_time_ids((self.height, self.width), (0, 0), (self.height, self.width), dtype=emb.dtype,
                                              text_encoder_projection_dim=proj).to(self.device)
@@ -169,6 +175,10 @@ class Sampler:
                     return Cond(torch.cat([neg, emb]), torch.cat([neg_pooled, pooled]), torch.cat([tid, tid]))
                 return Cond(emb, pooled, tid)
             emb, neg = pipe.encode_prompt(prompt, self.device, 1, self.cfg, negative_prompt=negative or None)
+            if self.decor is not None:
+                from studio.decor import apply_decor_with_pipeline
+
+                emb, _ = apply_decor_with_pipeline(pipe, self.decor, [prompt], emb, None)
             return Cond(torch.cat([neg, emb]) if self.cfg else emb)
         finally:
             if session is not None:

@@ -53,7 +53,7 @@ def _rows(c: Cond, sel: slice) -> Cond:
 @torch.no_grad()
 def run_composer(pipe, rs: ResolvedSpec, seed: int, stop=None, progress=None, hooks=None) -> ComposeResult:
     s, opt = rs.spec, rs.spec.composer
-    sm = Sampler(pipe, rs.width, rs.height, s.steps, s.guidance, seed)
+    sm = Sampler(pipe, rs.width, rs.height, s.steps, s.guidance, seed, decor=s.decor())
     stats = {"steps": s.steps, "guided_steps": 0, "losses": []}
     if not opt.region_cross_attn:
         with engine_session(pipe, rs, routed=False):

@@ -122,6 +122,9 @@ class CompositionSpec:
     width: int = _f(0, "Width in pixels (0: model default).")
     height: int = _f(0, "Height in pixels (0: model default).")
     allow_overlap: bool = _f(False, "Allow overlapping concept boxes (overlaps are averaged).", advanced=True)
+    decor_remove: str = _f("", "DECOR: text whose meaning is projected out of every pass's prompt embeddings (empty: off).")
+    decor_strength: float = _f(1.0, "DECOR strength alpha in [0, 1].")
+    decor_components: str = _f("auto", "DECOR: number of components k, or 'auto'.")
     model: str = _f("", "Base model (CLI only; the UI uses the loaded one).", ui=False)
     composer: ComposerOptions = field(default_factory=ComposerOptions, metadata={"help": "LoRA-Composer options."})
     clora: CloraOptions = field(default_factory=CloraOptions, metadata={"help": "CLoRA options."})
@@ -133,6 +136,7 @@ class CompositionSpec:
             self.composer = _build(ComposerOptions, self.composer, "composer options")
         if isinstance(self.clora, dict):
             self.clora = _build(CloraOptions, self.clora, "clora options")
+        self.decor()  # validates the DECOR settings up front
         if not self.prompt.strip():
             raise InputError("The base prompt is empty: describe the whole image (e.g. 'a dog and a cat on a sofa').")
         if self.engine not in ENGINES:
@@ -167,6 +171,14 @@ class CompositionSpec:
                     if min(p[2], q[2]) > max(p[0], q[0]) and min(p[3], q[3]) > max(p[1], q[1]):
                         raise InputError(f"The boxes of concept {i} and concept {j} overlap: move them apart, "
                                          "or allow overlaps (they are then averaged).")
+
+    def decor(self):
+        """The DecorSpec of this composition, or None when DECOR is off."""
+        if not (self.decor_remove or "").strip():
+            return None
+        from .decor import DecorSpec
+
+        return DecorSpec(remove=self.decor_remove, strength=self.decor_strength, components=self.decor_components)
 
     @property
     def regional(self) -> bool:

@@ -339,3 +339,15 @@ def test_load_spec_yaml_json_and_cli(xl, tmp_path, capsys):
     rc = main(["--workspace", str(tmp_path / "ws"), "compose", "--prompt", "a dog", "--model", "tiny-sdxl", "--steps", "2",
                "--width", "64", "--height", "64", "--concept", f"{loras[0]}:0.8:zwx dog", "--engine", "merge", "--seed", "1"])
     assert rc == 0 and "seed: 1" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("engine", ["composer", "clora"])
+def test_decor_in_regional_engines(xl, engine):
+    pipe, loras, _ = xl
+    plain = img(compose(pipe, spec(loras, engine)))
+    zero = img(compose(pipe, spec(loras, engine, decor_remove="a cat", decor_strength=0.0)))
+    full = img(compose(pipe, spec(loras, engine, decor_remove="a cat", decor_strength=1.0)))
+    assert np.array_equal(plain, zero)  # alpha = 0 changes nothing
+    assert np.abs(full - plain).mean() > 0.1  # alpha = 1 acts on every pass's embeddings
+    with pytest.raises(InputError, match="strength"):
+        spec(loras, engine, decor_remove="a cat", decor_strength=2.0)

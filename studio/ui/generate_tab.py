@@ -193,10 +193,9 @@ def _spec(services: Services, prompt, negative, engine, active, editor_value, de
             Image.fromarray(m).save(path)
             entry["region"] = {"mask": str(path)}
         concepts.append(entry)
-    if decor_remove and decor_remove.strip():
-        raise actions.InputError("DECOR works with the merge engine; clear the DECOR field to use composer or clora.")
+    decor = {"decor_remove": decor_remove, "decor_strength": float(decor_strength)} if (decor_remove or "").strip() else {}
     return {"prompt": prompt, "negative_prompt": negative, "engine": engine, "concepts": concepts, "global_loras": global_loras,
-            **common}
+            **decor, **common}
 
 
 def _layer_masks(value) -> dict[str, np.ndarray]:
