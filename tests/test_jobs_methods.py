@@ -31,6 +31,7 @@ def test_blora_train_and_style_transfer(services):
     _train(services, "look", "blora", imgs[1:2])
     roles = {c["name"]: c["role"] for c in actions.lora_cards(services)}
     assert roles["obj-content"] == "content" and roles["look-style"] == "style" and roles["obj"] == "joint"
+    assert services.ws.preview("obj-content").is_file() and services.ws.preview("look-style").is_file()
     job_id = actions.submit_generate(services, {
         "prompt": "A [c] in [s] style", "seed": 3, "steps": 2,
         "blora": {"content": {"lora": "obj-content", "weight": 1.0}, "style": {"lora": "look-style", "weight": 0.8},

@@ -484,6 +484,9 @@ def train(cfg: TrainConfig, recipe: Recipe, ws: Workspace, *, pipe=None, events:
         outputs = recipe.save(pipe, cfg, ws, {**info, "steps": step}, final=True)
         preview = _sample(pipe, cfg, ws, step, resolution)
         ws.set_preview(cfg.name, preview)
+        for out in outputs:  # other library entries of this run (B-LoRA halves) show the same preview
+            if out.parent == ws.loras and out.suffix == ".safetensors" and out.stem != cfg.name:
+                ws.set_preview(out.stem, preview)
         _emit(events, type="sample", step=step, path=str(preview))
     accelerator.wait_for_everyone()
     _emit(events, type="done", step=step, outputs=[str(p) for p in outputs], final_loss=losses[-1] if losses else None)
