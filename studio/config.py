@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -216,7 +215,3 @@ def from_dict(cls: type, data: dict) -> Any:
     if unknown:
         raise InputError(f"unknown setting(s) for {cls.__name__}: {', '.join(sorted(unknown))}")
     return cls(**data)
-
-
-def to_json(cfg: Any) -> str:
-    return json.dumps(to_dict(cfg), sort_keys=True)

@@ -38,8 +38,3 @@ def images(tmp_path):
     d = tmp_path / "images"
     shutil.copytree(EXAMPLES, d)
     return d
-
-
-def train_events():
-    events = []
-    return events, events.append

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -211,7 +210,3 @@ def _layer_masks(value) -> dict[str, np.ndarray]:
         if (alpha > 0).any():
             out[name] = ((alpha > 0) * 255).astype(np.uint8)
     return out
-
-
-def dumps(obj) -> str:
-    return json.dumps(obj, indent=2)
