@@ -1,4 +1,4 @@
-"""The ``studio`` command: train, generate, lora (inspect/convert), decor analyze, serve.
+"""The ``studio`` command: train, generate, lora (inspect/convert), model export, decor analyze, serve.
 
 Flags of ``train`` and ``generate`` are derived from the typed configs in ``studio/config.py`` (and each
 recipe's own config class), so ``--help`` always matches what the UI shows and what is saved in the files.
@@ -63,7 +63,7 @@ def cmd_generate(args) -> int:
     cfg = config_from_args(GenerateConfig, args)
     ws = _workspace(args)
     loras = [parse_lora_arg(x, ws) for x in cfg.loras]
-    pipe = load_pipeline(cfg.model, device=args.device)
+    pipe = load_pipeline(cfg.model, device=args.device, config=cfg.model_config or None)
     if getattr(args, "content", None) or getattr(args, "style", None):  # B-LoRA content/style (pipelines/blora.py)
         result = _blora_generate(args, pipe, cfg, loras, ws)
     else:
@@ -149,6 +149,16 @@ def _cmd_orthogonal(args) -> int:
         print(f"warning: {w}", file=sys.stderr)
     kind = "orthogonal" if res.orthogonal else "ordinary"
     print(f"merged {len(paths)} {kind} LoRAs with weights {res.weights} ({res.layers} layers): {out}")
+    return 0
+
+
+def cmd_model(args) -> int:
+    from .checkpoint import checkpoint_target, export_single_file
+    from .models import load_pipeline
+
+    out = checkpoint_target(args.out)  # checked before a possibly long load
+    pipe = load_pipeline(args.model, device="cpu", dtype="fp32", config=args.model_config or None)
+    print(export_single_file(pipe, out, dtype=args.dtype))
     return 0
 
 
@@ -264,6 +274,17 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     lx.add_argument("--summary", action="store_true", help="Only the per-pair summary.")
     lx.add_argument("--top", type=int, default=0, help="Only the N layers with the most interference.")
     lo.set_defaults(fn=cmd_lora)
+
+    mo = sub.add_parser("model", help="Base-model tools.")
+    msub = mo.add_subparsers(dest="model_cmd", required=True)
+    me = msub.add_parser("export", help="Write a base model as one original-format (LDM/SGM) .safetensors checkpoint "
+                                        "for A1111, ComfyUI and kohya.")
+    me.add_argument("model", help="Bundled name, hub id, local diffusers folder or single-file checkpoint.")
+    me.add_argument("out", help="The .safetensors file to write.")
+    me.add_argument("--dtype", choices=["fp16", "fp32"], default="fp16", help="Weight precision (default: fp16, as checkpoints are shared).")
+    me.add_argument("--model-config", dest="model_config", default="",
+                    help="Config of a single-file MODEL of non-standard size (bundled name or diffusers folder).")
+    mo.set_defaults(fn=cmd_model)
 
     d = sub.add_parser("decor", help="DECOR tools.")
     dsub = d.add_subparsers(dest="decor_cmd", required=True)

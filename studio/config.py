@@ -128,6 +128,8 @@ class GenerateConfig:
     prompt: str = _f("", "What to draw.")
     negative_prompt: str = _f("", "What to avoid.")
     model: str = _f(DEFAULT_MODEL, "Base model (bundled name, hub id, folder or single file).", ui=False)
+    model_config: str = _f("", "Config of a single-file --model of non-standard size: a bundled name (tiny-sd, …) or a "
+                               "diffusers folder; empty uses the full-size SD1.5/SDXL configs.", ui=False)
     loras: list = _f([], "LoRAs as NAME_OR_PATH[:WEIGHT], e.g. my-dog:0.8.", ui=False)
     seed: int = _f(-1, f"Seed 0..{SEED_MAX}; -1 picks a random one (the used seed is returned).")
     steps: int = _f(25, "Denoising steps.")

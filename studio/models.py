@@ -148,14 +148,29 @@ def detect_checkpoint_architecture(path: Path) -> str:
     )
 
 
+def config_folder(config: str | None, arch: str) -> Path:
+    """The diffusers config folder for a single-file checkpoint: the full-size bundled one, a bundled model's or a folder."""
+    if not config:
+        return ASSETS / "configs" / arch
+    bundled = {**BUNDLED_RANDOM, **BUNDLED_TRAINED}
+    folder = ASSETS / bundled[config] if config in bundled else Path(os.path.expanduser(config))
+    if not (folder / "model_index.json").is_file():
+        raise ModelError(f"Model config {config!r}: give a bundled model name ({', '.join(bundled)}) or a diffusers "
+                         "folder with a model_index.json.")
+    found = ARCH_SDXL if _read_json(folder / "model_index.json")["_class_name"] == "StableDiffusionXLPipeline" else ARCH_SD15
+    if found != arch:
+        raise ModelError(f"The checkpoint is {arch.upper()} but the model config {config!r} is {found.upper()}.")
+    return folder
+
+
 @lru_cache(maxsize=None)
-def offline_config_dir(arch: str) -> str:
-    """A diffusers config folder (no weights) with tokenizer files, for ``from_single_file(config=…)``."""
-    src = ASSETS / "configs" / arch
+def offline_config_dir(folder: str | Path, arch: str) -> str:
+    """A copy of a diffusers folder's configs (no weights) plus tokenizer files, for ``from_single_file(config=…)``."""
     dst = Path(tempfile.mkdtemp(prefix=f"studio-{arch}-config-"))
-    shutil.copytree(src, dst, dirs_exist_ok=True)
+    shutil.copytree(folder, dst, dirs_exist_ok=True,
+                    ignore=lambda d, names: [n for n in names if (Path(d) / n).is_file() and not n.endswith((".json", ".txt"))])
     for sub, pad in (("tokenizer", "<|endoftext|>"), ("tokenizer_2", "!")):
-        if sub == "tokenizer_2" and arch != ARCH_SDXL:
+        if (sub == "tokenizer_2" and arch != ARCH_SDXL) or (dst / sub / "vocab.json").is_file():
             continue
         load_tokenizer(pad_token=pad).save_pretrained(dst / sub)
     return str(dst)
@@ -190,7 +205,7 @@ def apply_memory_options(pipe, opts: MemoryOptions) -> list[str]:
 
 
 def load_pipeline(ref: str, device: str | None = None, dtype: str | torch.dtype | None = None,
-                  memory: MemoryOptions | None = None):
+                  memory: MemoryOptions | None = None, config: str | None = None):
     """Load a base model.
 
     Args:
@@ -200,6 +215,8 @@ def load_pipeline(ref: str, device: str | None = None, dtype: str | torch.dtype 
         device: ``cuda``/``mps``/``cpu``; picked automatically when None.
         dtype: ``fp32``/``fp16``/``bf16`` or a torch dtype; bf16/fp16 on GPU and fp32 on CPU when None.
         memory: optional memory savers. PyTorch SDPA attention is the default on torch 2.
+        config: for a single-file checkpoint of non-standard size, the model whose configs it follows (a bundled name
+            such as ``tiny-sd`` or a diffusers folder); None uses the full-size SD1.5/SDXL configs.
     """
     ref = (ref or "").strip()
     if not ref:
@@ -207,6 +224,8 @@ def load_pipeline(ref: str, device: str | None = None, dtype: str | torch.dtype 
     dev = pick_device(device)
     dt = pick_dtype(dev, dtype)
     path = Path(os.path.expanduser(ref))
+    if config and not path.is_file():
+        raise ModelError(f"A model config only applies to single-file .safetensors checkpoints, not to {ref!r}.")
     if ref in BUNDLED_RANDOM:
         pipe = build_from_configs(ASSETS / BUNDLED_RANDOM[ref])
     elif ref in BUNDLED_TRAINED:
@@ -218,13 +237,16 @@ def load_pipeline(ref: str, device: str | None = None, dtype: str | torch.dtype 
         if path.suffix.lower() != ".safetensors":
             raise ModelError(f"{path.name}: only .safetensors checkpoints are loaded (pickle files such as .ckpt/.pt can run code).")
         arch = detect_checkpoint_architecture(path)
-        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+        from .checkpoint import load_single_file
 
-        cls = StableDiffusionXLPipeline if arch == ARCH_SDXL else StableDiffusionPipeline
+        folder = offline_config_dir(config_folder(config, arch), arch)
         try:
-            pipe = cls.from_single_file(str(path), config=offline_config_dir(arch), local_files_only=True, dtype=dt)
+            pipe = load_single_file(path, arch, folder, dt)
+        except ModelError:
+            raise
         except Exception as exc:  # noqa: BLE001
-            raise ModelError(f"Could not load the {arch.upper()} checkpoint {path.name}: {exc}") from exc
+            hint = "" if config else " If it is not a full-size model, give the model it follows as its config (--model-config)."
+            raise ModelError(f"Could not load the {arch.upper()} checkpoint {path.name}: {exc}{hint}") from exc
     elif path.is_dir():
         if not (path / "model_index.json").is_file():
             raise ModelError(f"{path} is not a diffusers model folder (no model_index.json).")
