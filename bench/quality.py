@@ -115,6 +115,7 @@ class Context:
     model_ref: str = "toy-xl"
     per_prompt: int = 4
     n_compose: int = 8
+    orth_counts: tuple = (2, 3, 5)
     extra: dict = field(default_factory=dict)
 
 
@@ -382,53 +383,64 @@ def section_dreambooth(ctx: Context) -> dict:
             "notes": "grid rows: per subject, first prompt of each kind without LoRA (row 1) and with it (row 2)"}
 
 
-ORTH_SUBJECTS = ("kavo", "tesh")
+ORTH_SUBJECTS = ("kavo", "tesh", "morl", "quib", "zeph")  # merged in order: the first N for N in ctx.orth_counts
 ORTH_LAMBDA = 0.6
 
 
 def section_orthogonal(ctx: Context) -> dict:
-    """Orthogonal adaptation vs plain DreamBooth LoRAs: each subject's fidelity alone vs merged (λ = 0.6)."""
+    """Orthogonal adaptation vs plain DreamBooth LoRAs: each subject's fidelity alone vs merged with the others
+    (λ = 0.6), for N = 2, 3, 5 merged subjects (``--orth-counts``)."""
     from studio.orthogonal import merge_loras
 
     ws = _workspace(ctx)
     per = ctx.per_prompt
+    counts = sorted(set(ctx.orth_counts))
+    subjects = ORTH_SUBJECTS[:max(counts)]
+    kinds = (("naive", "DreamBooth"), ("orthogonal", "orthogonal"))
     paths = {"naive": {}, "orthogonal": {}}
-    for s in ORTH_SUBJECTS:
+    for s in subjects:
         paths["naive"][s] = _db_lora(ctx, s)
         ds = _dataset(ws, f"refs-{s}", tw.render_references(s, n=4, seed=0))
         paths["orthogonal"][s] = _train(ctx, f"orth-{s}", ds, "orthogonal", trigger=s)
-    merged = {}
-    warn = {}
-    for kind in paths:
-        out = ws.loras / f"merged-{kind}.safetensors"
-        r = merge_loras([paths[kind][s] for s in ORTH_SUBJECTS], out, lam=ORTH_LAMBDA)
-        merged[kind] = out
-        warn[kind] = {"orthogonal": r.orthogonal, "warnings": len(r.warnings)}
+    merged, warn = {}, {}
+    for kind, _ in kinds:
+        for n in counts:
+            out = ws.loras / f"merged-{kind}-{n}.safetensors"
+            r = merge_loras([paths[kind][s] for s in subjects[:n]], out, lam=ORTH_LAMBDA)
+            merged[kind, n] = out
+            warn[f"{kind} N={n}"] = {"orthogonal": r.orthogonal, "warnings": len(r.warnings)}
     rows, metrics, grid_imgs = [], {}, []
-    for si, s in enumerate(ORTH_SUBJECTS):
+    for si, s in enumerate(subjects):
         ks = _scenes_for(s, ctx.seed, ("plain", "plain"))
         prompts = [tw.caption(sc) for _, sc in ks]
         row = {"metric": f"{s}: subject fidelity"}
-        for kind, label in (("naive", "DreamBooth"), ("orthogonal", "orthogonal")):
-            for mode, lora, w in (("alone", paths[kind][s], 1.0), ("merged", merged[kind], 1.0)):
-                imgs = _gen(ctx, prompts, [_ref(lora, w, f"{kind}_{mode}")], per, seed_offset=300 + 10 * si)
+        for kind, label in kinds:
+            conds = [("alone", paths[kind][s])] + [(f"N={n}", merged[kind, n]) for n in counts if si < n]
+            for mode, lora in conds:
+                imgs = _gen(ctx, prompts, [_ref(lora, 1.0, f"{kind}_{mode.replace('=', '')}")], per, seed_offset=300 + 10 * si)
                 v = _judge_subject(ctx, s, ks, imgs, per)["subject"]
-                row[f"{label} alone" if mode == "alone" else f"{label} merged"] = v
+                row[f"{label} {mode}"] = v
                 metrics[f"{s}: {label} {mode}"] = v
-                grid_imgs += imgs[:4]
+                grid_imgs += imgs[:2]
         rows.append(row)
-    for label in ("DreamBooth", "orthogonal"):
-        for mode in ("alone", "merged"):
-            metrics[f"mean {label} {mode}"] = float(np.mean([metrics[f"{s}: {label} {mode}"] for s in ORTH_SUBJECTS]))
-    rows.append({"metric": "mean", **{f"{l} {m}": metrics[f"mean {l} {m}"] for l in ("DreamBooth", "orthogonal")
-                                       for m in ("alone", "merged")}})
+    # per N: the mean over the N merged subjects, merged vs each of them alone
+    for n in counts:
+        row = {"metric": f"mean over the {n} merged subjects"}
+        for _, label in kinds:
+            for mode in ("alone", f"N={n}"):
+                v = float(np.mean([metrics[f"{s}: {label} {mode}"] for s in subjects[:n]]))
+                row[f"{label} {mode if mode == 'alone' else 'merged'}"] = v
+                metrics[f"N={n} mean {label} {'alone' if mode == 'alone' else 'merged'}"] = v
+        rows.append(row)
     tw.contact_sheet(grid_imgs, cols=8, scale=2).save(ctx.out / "orthogonal_grid.png")
-    return {"title": f"Orthogonal adaptation: {len(ORTH_SUBJECTS)} subjects merged (λ={ORTH_LAMBDA}) vs alone, vs naive merge",
-            "setup": {"subjects": ",".join(ORTH_SUBJECTS), "steps": DB_STEPS, "rank": DB_RANK, "lr": DB_LR,
+    return {"title": f"Orthogonal adaptation: N = {', '.join(map(str, counts))} subjects merged (λ={ORTH_LAMBDA}) vs alone, "
+                     "vs naive merge",
+            "setup": {"subjects": ",".join(subjects), "steps": DB_STEPS, "rank": DB_RANK, "lr": DB_LR,
                       "orthogonal_slot_mode": "disjoint", "lambda": ORTH_LAMBDA, "merge": warn,
                       "images_per_subject_and_condition": 2 * per, "gen_steps": ctx.steps, "seed": ctx.seed},
             "metrics": metrics, "rows": rows, "grid": "orthogonal_grid.png",
-            "notes": "alone = the subject's own LoRA at weight 1; merged = merge_loras(..., lam=0.6) file at weight 1"}
+            "notes": "alone = the subject's own LoRA at weight 1; N=n = the merge_loras(..., lam=0.6) file of the first n "
+                     "subjects at weight 1; 'mean over the n merged subjects' rows compare those n subjects alone vs merged"}
 
 
 DECOR_SUBJECT = "kavo"
@@ -489,6 +501,7 @@ def section_decor(ctx: Context) -> dict:
 
 
 COMPOSE_PAIR = ("kavo", "tesh")
+LEFT_BOX, RIGHT_BOX = (0.03, 0.2, 0.5, 0.8), (0.5, 0.2, 0.97, 0.8)  # [x0, y0, x1, y1] as fractions
 
 
 def section_composition(ctx: Context) -> dict:
@@ -502,8 +515,11 @@ def section_composition(ctx: Context) -> dict:
     scene = tw.Scene((tw.Obj(a, tw.SUBJECTS[a]["primary"], "medium", "left"),
                       tw.Obj(b, tw.SUBJECTS[b]["primary"], "medium", "right")), "plain", "cyan", "flat", 0)
     prompt = tw.caption(scene)
-    concepts = [ConceptEntry(lora=str(la), prompt=f"a {a} emblem", token=a, region=(0.0, 0.0, 0.5, 1.0)),
-                ConceptEntry(lora=str(lb), prompt=f"a {b} emblem", token=b, region=(0.5, 0.0, 1.0, 1.0))]
+    context = prompt.split(", ", 1)[1]  # "on a cyan plain background, flat style"
+    # boxes around where the world draws a medium object on the left/right (centre x 18/46 ± 2 px, radius 12 px, of
+    # 64), leaving the top and bottom margins to the base prompt, as LoRA-Composer's boxes are meant to be used
+    concepts = [ConceptEntry(lora=str(la), prompt=f"a {a} emblem, {context}", token=a, region=LEFT_BOX),
+                ConceptEntry(lora=str(lb), prompt=f"a {b} emblem, {context}", token=b, region=RIGHT_BOX)]
     rows, metrics, grid_imgs = [], {}, []
     conds = [("base model (no LoRA)", None), ("merge", "merge"), ("composer", "composer"), ("clora", "clora")]
     for label, engine in conds:
@@ -530,7 +546,7 @@ def section_composition(ctx: Context) -> dict:
         grid_imgs += imgs[:8]
     tw.contact_sheet(grid_imgs, cols=8, scale=2).save(ctx.out / "composition_grid.png")
     return {"title": f"Composition: {a} (left) + {b} (right) with two DreamBooth LoRAs",
-            "setup": {"prompt": prompt, "regions": "left half / right half", "images_per_engine": n,
+            "setup": {"prompt": prompt, "regions": f"left {LEFT_BOX}, right {RIGHT_BOX}; concept prompts 'a <subject> emblem, {context}'", "images_per_engine": n,
                       "gen_steps": ctx.steps, "guidance": ctx.guidance, "seed": ctx.seed, "loras": "the dreambooth section's"},
             "metrics": metrics, "rows": rows, "grid": "composition_grid.png",
             "notes": "both present: the judge finds both subjects among left/right/centre heads; each in its region: "
@@ -618,7 +634,7 @@ def to_markdown(report: dict) -> str:
              f"Judge: {report['judge']}. Date: {report['date']}. Machine: {report['machine']}.", ""]
     for name, sec in report["sections"].items():
         lines += [f"## {sec['title']}", "", "Setup: " + ", ".join(f"{k}={v}" for k, v in sec["setup"].items()), ""]
-        cols = list(sec["rows"][0].keys())
+        cols = list(dict.fromkeys(k for r in sec["rows"] for k in r))  # every row's columns, in first-seen order
         lines.append("| " + " | ".join(cols) + " |")
         lines.append("|" + "---|" * len(cols))
         for r in sec["rows"]:
@@ -639,6 +655,7 @@ def main(argv=None) -> int:
     ap.add_argument("--per-prompt", type=int, default=4, help="method sections: images per prompt")
     ap.add_argument("--n-compose", type=int, default=8, help="composition: images per engine")
     ap.add_argument("--train-steps", type=int, default=DB_STEPS, help="method sections: LoRA training steps")
+    ap.add_argument("--orth-counts", default="2,3,5", help="orthogonal: numbers of subjects merged (at most 5)")
     ap.add_argument("--n", type=int, default=64, help="one-object prompts")
     ap.add_argument("--n-two", type=int, default=16, help="two-object prompts")
     ap.add_argument("--steps", type=int, default=20)
@@ -668,7 +685,10 @@ def main(argv=None) -> int:
         pipe = load_toy_pipeline(args.model)
     ctx = Context(pipe=pipe, judge=judge, out=out, n=args.n, n_two=args.n_two, steps=args.steps,
                   guidance=args.guidance, seed=args.seed, batch=args.batch, model_ref=model_ref,
-                  per_prompt=args.per_prompt, n_compose=args.n_compose)
+                  per_prompt=args.per_prompt, n_compose=args.n_compose,
+                  orth_counts=tuple(int(x) for x in args.orth_counts.split(",") if x.strip()))
+    if not ctx.orth_counts or not all(1 <= n <= len(ORTH_SUBJECTS) for n in ctx.orth_counts):
+        ap.error(f"--orth-counts: numbers from 1 to {len(ORTH_SUBJECTS)}")
     report = {"model": str(args.model), "judge": args.judge or "assets/judge", "date": time.strftime("%Y-%m-%d %H:%M"),
               "machine": f"{platform.machine()} CPU, {args.threads} thread(s), torch {torch.__version__}",
               "sections": {}}

@@ -165,6 +165,9 @@ class AttnControl:
     capture_self: bool = False
     capture_regions: bool = False  # composer: concept-token maps of each region's attention over the whole image
     store: dict = field(default_factory=dict)
+    # region keys/values per (layer, adapter, prompt rows): they depend only on the concept's prompt, not on the
+    # latent, so one computation serves every step of a run (a fresh AttnControl per run)
+    kv_cache: dict = field(default_factory=dict)
 
     def reset(self) -> None:
         self.store = {"cross": [], "self": [], "regions": []}
@@ -227,8 +230,12 @@ class StudioAttnProcessor:
             if idx is not None and idx.numel() == 0:
                 continue
             names = [r.adapter] * batch
-            k = routed(attn.to_k, r.context, names)
-            v = routed(attn.to_v, r.context, names)
+            key = (self.name, r.adapter, r.context.data_ptr(), tuple(r.context.shape))
+            if key not in ctl.kv_cache:
+                with torch.no_grad():  # constants with respect to the latent; the context is kept referenced so
+                    # that its address cannot be reused by another tensor while the entry lives
+                    ctl.kv_cache[key] = (r.context, routed(attn.to_k, r.context, names), routed(attn.to_v, r.context, names))
+            _, k, v = ctl.kv_cache[key]
             q = query if idx is None else query[:, idx]
             o, probs = attend(attn, q, k, v, None, need_probs=want_maps)
             if want_maps:

@@ -160,6 +160,12 @@ def test_left_concept_lora_does_not_touch_right_pixels(xl):
                 plain = proc(attn, h, ctx)
                 ctl.regions = [RegionKV("left", concept_ctx)]
                 regional = proc(attn, h, ctx)
+                again = proc(attn, h * 0.5, ctx)  # new latent, same concept prompt: keys/values come from the cache
+                assert len(ctl.kv_cache) == 1
+                ctl.kv_cache.clear()
+                assert torch.allclose(again, proc(attn, h * 0.5, ctx), atol=1e-6)  # recomputed: the same output
+                ctl.regions = [RegionKV("left", torch.randn(2, 77, 64))]  # another prompt: never a stale entry
+                assert not torch.allclose(proc(attn, h * 0.5, ctx), again, atol=1e-4)
             left = masks[0].reshape(-1).bool()
             assert torch.equal(plain[:, ~left], regional[:, ~left])
             assert (plain[:, left] - regional[:, left]).abs().max() > 1e-3
