@@ -29,3 +29,4 @@ bench-quality: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+bench-compare: $(STAMP) ; $(BIN)/python bench/compare_diffusers.py $(ARGS)
