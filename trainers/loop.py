@@ -318,7 +318,10 @@ def _optimizer(cfg: TrainConfig, groups: list[dict], device: torch.device):
         except ImportError as exc:
             raise InputError("8-bit AdamW needs bitsandbytes: pip install 'customization-studio[gpu]'.") from exc
         return bnb.optim.AdamW8bit(groups, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    try:  # one fused kernel for all LoRA tensors instead of a loop over them (CPU and CUDA; ~6% of a tiny step)
+        return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, fused=True)
+    except (RuntimeError, TypeError, ValueError):  # devices/dtypes without a fused AdamW
+        return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
 
 
 def _mixed_precision(cfg: TrainConfig, device: torch.device) -> str:
