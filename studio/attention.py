@@ -72,9 +72,12 @@ def adapter_routing(unet):
 
 
 @contextmanager
-def fused_adapters(unet, names: list[str]):
-    """Add the (weighted) ΔW of ``names`` into the base weights; restore the exact originals afterwards."""
+def fused_adapters(unet, names: list[str], bypass: bool = False):
+    """Add the (weighted) ΔW of ``names`` into the base weights; restore the exact originals afterwards (the backup
+    is kept in CPU memory, not on the GPU). With ``bypass`` the LoRA layers skip their adapters while fused, so the
+    model computes (W₀ + Σ ΔW)x in one matmul: a weighted merge without per-step LoRA cost."""
     backup: list[tuple[torch.nn.Module, torch.Tensor]] = []
+    bypassed = []
     try:
         with torch.no_grad():
             for _, m in _tuner_layers(unet):
@@ -82,14 +85,21 @@ def fused_adapters(unet, names: list[str]):
                 if not todo:
                     continue
                 base = m.get_base_layer()
-                backup.append((base, base.weight.detach().clone()))
+                backup.append((base, base.weight.detach().to("cpu", copy=True)))
                 for n in todo:
                     base.weight.data += m.get_delta_weight(n).to(base.weight.dtype)
+                if bypass and not m.disable_adapters:
+                    bypassed.append((m, [(q, q.requires_grad) for q in m.parameters()]))
+                    m.enable_adapters(False)
         yield
     finally:
         with torch.no_grad():
             for base, w in backup:
-                base.weight.data.copy_(w)
+                base.weight.data.copy_(w.to(base.weight.device))
+        for m, grads in bypassed:
+            m.enable_adapters(True)
+            for q, flag in grads:  # enable_adapters() also marks the adapters trainable: put that back as it was
+                q.requires_grad_(flag)
 
 
 def routed(module, x, names: list[str] | None):

@@ -92,6 +92,31 @@ def test_merge_one_lora_equals_generate(xl):
     assert r.stats["unet_evals"] == 2 * STEPS
 
 
+def test_fused_generation_equals_unfused_and_restores_exactly(xl):
+    """generate() fuses the weighted LoRAs (text encoder included) into the weights for the run: the same image as the
+    unfused adapters, the LoRA layers bypassed during the loop, and the exact weights and flags back afterwards."""
+    pipe, loras, _ = xl
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    refs = [LoraRef(loras[0], 0.8), LoraRef(loras[1], 0.5)]
+    before = state_of(pipe)
+    grads = [p.requires_grad for p in pipe.unet.parameters()]
+    seen = []
+
+    def progress(step, total):
+        layers = [m for m in pipe.unet.modules() if isinstance(m, BaseTunerLayer)]
+        seen.append(bool(layers) and all(m.disable_adapters for m in layers))
+
+    cfg = dict(prompt="a dog and a cat", seed=5, steps=STEPS, width=64, height=64)
+    fused = generate(pipe, GenerateConfig(**cfg), refs, progress=progress)
+    assert seen and all(seen)  # every step ran on the fused weights, with the adapter branches off
+    unfused = generate(pipe, GenerateConfig(**cfg, fuse_loras=False), refs)
+    assert np.abs(img(fused) - img(unfused)).max() <= 1.0
+    assert np.abs(img(fused) - img(generate(pipe, GenerateConfig(**cfg)))).mean() > 0.5  # the LoRAs act
+    assert same_state(before, state_of(pipe))
+    assert [p.requires_grad for p in pipe.unet.parameters()] == grads
+
+
 def test_composer_all_parts_off_equals_merge(xl):
     pipe, loras, _ = xl
     off = dict(region_cross_attn=False, self_attn_isolation=False, latent_reinit=False, loss_guidance=False)
