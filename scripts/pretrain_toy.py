@@ -123,11 +123,18 @@ def render_pool(n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
 # Stage 1: VAE
 
 
-def train_vae(vae, minutes: float, seed: int, batch: int = 16, lr: float = 1e-3, pool: int = 12000, crop: bool = True):
+def train_vae(vae, minutes: float, seed: int, batch: int = 16, lr: float = 1e-3, pool: int = 12000, crop: bool = True,
+              decoder_only: bool = False):
+    """``decoder_only``: fine-tune only the decoder (and post_quant_conv) with the encoder frozen, as Stability's
+    ft-MSE/ft-EMA VAEs did: the latent space, its scaling factor and so every UNet trained on it stay valid."""
     log(f"VAE: {n_params(vae) / 1e6:.2f} M params; rendering {pool} scenes")
     imgs, _ = render_pool(pool, seed + 1)
     g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    if decoder_only:
+        vae.requires_grad_(False)
+        for m in (vae.decoder, vae.post_quant_conv):
+            m.requires_grad_(True)
+    opt = torch.optim.AdamW([p for p in vae.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     vae.train()
     t0, step, deadline = time.time(), 0, time.time() + minutes * 60
     ema_loss = None
@@ -139,11 +146,13 @@ def train_vae(vae, minutes: float, seed: int, batch: int = 16, lr: float = 1e-3,
             x = x[:, :, oy:oy + 32, ox:ox + 32]
         if torch.rand((), generator=g) < 0.5:
             x = x.flip(-1)  # left/right swap keeps the world's distribution
-        post = vae.encode(x).latent_dist
+        with torch.set_grad_enabled(not decoder_only):
+            post = vae.encode(x).latent_dist
         z = post.sample(generator=g)
         rec = vae.decode(z).sample
-        kl = post.kl().mean() / (16 * 16 * 4)
-        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-4 * kl
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
+        if not decoder_only:
+            loss = loss + 1e-4 * post.kl().mean() / (16 * 16 * 4)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -163,10 +172,12 @@ def train_vae(vae, minutes: float, seed: int, batch: int = 16, lr: float = 1e-3,
         mse = F.mse_loss(rec, x).item()
         std = post.sample(generator=g).std().item()
         mean = post.mode().mean().item()
-    vae.register_to_config(scaling_factor=float(1.0 / std))
+    if not decoder_only:  # a decoder fine-tune keeps the latent space and its scaling factor
+        vae.register_to_config(scaling_factor=float(1.0 / std))
     log(f"VAE done: {step} steps, recon MSE {mse:.4f} (PSNR {10 * math.log10(4 / mse):.1f} dB), "
-        f"latent mean {mean:.3f} std {std:.3f} -> scaling_factor {1 / std:.4f}")
-    return {"steps": step, "recon_mse": mse, "psnr_db": 10 * math.log10(4 / mse), "latent_std": std}
+        f"latent mean {mean:.3f} std {std:.3f}, scaling_factor {vae.config.scaling_factor:.4f}")
+    return {"steps": step, "recon_mse": mse, "psnr_db": 10 * math.log10(4 / mse), "latent_std": std,
+            "decoder_only": decoder_only}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -315,6 +326,8 @@ def main(argv=None) -> int:
     ap.add_argument("--init-from", default=None,
                     help="continue from the UNet and text encoders of a saved toy pipeline (use with --vae-from)")
     ap.add_argument("--vae-only", action="store_true", help="train the VAE and save it to OUT/vae, then stop")
+    ap.add_argument("--vae-decoder-only", action="store_true",
+                    help="with --vae-from: fine-tune only the decoder (the latent space and any UNet trained on it stay valid)")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -343,7 +356,8 @@ def main(argv=None) -> int:
         if prev.exists():
             info["vae"]["earlier"] = json.loads(prev.read_text())
         if args.vae_minutes > 0:  # continue training the loaded VAE
-            info["vae"]["continued"] = train_vae(vae, args.vae_minutes, args.seed + 1, lr=args.vae_lr, batch=args.vae_batch)
+            info["vae"]["continued"] = train_vae(vae, args.vae_minutes, args.seed + 1, lr=args.vae_lr, batch=args.vae_batch,
+                                                 decoder_only=args.vae_decoder_only)
     else:
         info["vae"] = train_vae(vae, args.vae_minutes, args.seed, lr=args.vae_lr, batch=args.vae_batch)
     if args.vae_only:
