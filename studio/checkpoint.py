@@ -173,17 +173,23 @@ def _open_clip_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, t
     return {prefix + k: v for k, v in out.items()}
 
 
+def base_state_dict(model) -> dict[str, torch.Tensor]:
+    """The model's own weights: PEFT LoRA layers (left in place after LoRAs were loaded, even once deleted) are
+    unwrapped to their base layer and adapter tensors are left out (fuse a LoRA first to export it baked in)."""
+    return {k.replace(".base_layer.", "."): v for k, v in model.state_dict().items() if ".lora_" not in k}
+
+
 def original_state_dict(pipe) -> dict[str, torch.Tensor]:
     """All weights of an SD1.5/SDXL pipeline under their original (LDM/SGM) names (mostly views, not copies)."""
     arch = architecture(pipe)
-    out = _renamed(pipe.unet.state_dict(), unet_module_map(pipe.unet.config), UNET_PREFIX, "UNet")
-    for key, value in _renamed(pipe.vae.state_dict(), vae_module_map(pipe.vae.config), VAE_PREFIX, "VAE").items():
+    out = _renamed(base_state_dict(pipe.unet), unet_module_map(pipe.unet.config), UNET_PREFIX, "UNet")
+    for key, value in _renamed(base_state_dict(pipe.vae), vae_module_map(pipe.vae.config), VAE_PREFIX, "VAE").items():
         if ".mid.attn_1." in key and key.endswith(_VAE_ATTENTION_WEIGHTS) and value.ndim == 2:
             value = value[:, :, None, None]  # the original VAE attention uses 1x1 convolutions
         out[key] = value
-    out.update(_clip_state(pipe.text_encoder.state_dict(), CLIP_PREFIX[arch]))
+    out.update(_clip_state(base_state_dict(pipe.text_encoder), CLIP_PREFIX[arch]))
     if arch == ARCH_SDXL:
-        out.update(_open_clip_state(pipe.text_encoder_2.state_dict(), OPEN_CLIP_PREFIX))
+        out.update(_open_clip_state(base_state_dict(pipe.text_encoder_2), OPEN_CLIP_PREFIX))
     return out
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from studio.checkpoint import export_single_file, original_state_dict
+from studio.checkpoint import base_state_dict, export_single_file, original_state_dict
 from studio.cli import main as cli_main
 from studio.errors import InputError, ModelError
 from studio.models import ASSETS, architecture, bundled_models, detect_checkpoint_architecture, load_pipeline
@@ -20,7 +20,7 @@ def assert_same_weights(a, b) -> None:
     for name in COMPONENTS:
         if getattr(a, name, None) is None:
             continue
-        sa, sb = getattr(a, name).state_dict(), getattr(b, name).state_dict()
+        sa, sb = base_state_dict(getattr(a, name)), base_state_dict(getattr(b, name))  # shared fixtures may hold PEFT wrappers
         assert sa.keys() == sb.keys(), name
         for key, value in sa.items():
             assert sb[key].dtype == value.dtype and torch.equal(sb[key], value), f"{name}.{key}"
@@ -129,3 +129,18 @@ def test_cli_export_generate_and_errors(tmp_path, capsys):
         load_pipeline("tiny-sd", config="tiny-sd")
     with pytest.raises(ModelError, match="--model-config"):  # a tiny file against the full-size configs
         load_pipeline(str(out))
+
+
+def test_export_after_a_lora_was_used(tmp_path):
+    """Loading and deleting a LoRA leaves PEFT wrappers (``to_q.base_layer.weight``) in the model: the export still
+    writes the plain base weights and loads back exactly."""
+    from peft import LoraConfig
+
+    pipe = load_pipeline("tiny-sd")
+    before = {k: v.clone() for k, v in base_state_dict(pipe.unet).items()}
+    pipe.unet.add_adapter(LoraConfig(r=2, target_modules=["to_q", "to_v"]), adapter_name="tmp")
+    pipe.unet.delete_adapters("tmp")
+    assert any(".base_layer." in k for k in pipe.unet.state_dict())
+    back = load_pipeline(str(export_single_file(pipe, tmp_path / "x.safetensors", dtype="fp32")), config="tiny-sd")
+    after = back.unet.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
