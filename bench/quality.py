@@ -55,7 +55,6 @@ from studio import toyworld as tw  # noqa: E402
 from studio.judge import Judge, labels  # noqa: E402
 
 DEFAULT_MODEL = ROOT / "assets" / "toy-xl"
-TOKENIZER_DIR = ROOT / "assets" / "tokenizer"
 BASE_ATTRS = ("shape", "color", "background", "bg_color", "style", "position")
 GOALS = {"shape": 0.90, "color": 0.90, "background": 0.80}
 
@@ -66,22 +65,6 @@ def log(msg: str) -> None:
 
 # ------------------------------------------------------------------------------------------------
 # Model loading and generation
-
-
-def load_toy_pipeline(path: str | Path = DEFAULT_MODEL):
-    """Load the bundled toy SDXL pipeline in fp32, injecting the bundled CLIP tokenizers.
-
-    The studio's own loader (``studio.models.load_pipeline("toy-xl")``) does the same; this one keeps
-    the benchmark independent of it.
-    """
-    from diffusers import StableDiffusionXLPipeline
-    from transformers import CLIPTokenizer
-
-    kw = dict(vocab=str(TOKENIZER_DIR / "vocab.json"), merges=str(TOKENIZER_DIR / "merges.txt"), model_max_length=77)
-    tok1, tok2 = CLIPTokenizer(**kw), CLIPTokenizer(pad_token="!", **kw)
-    pipe = StableDiffusionXLPipeline.from_pretrained(str(path), tokenizer=tok1, tokenizer_2=tok2, dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 @torch.no_grad()
@@ -179,52 +162,18 @@ def section_base(ctx: Context) -> dict:
 # ------------------------------------------------------------------------------------------------
 # Method sections: the studio's real code paths (trainers.loop.train + trainers.recipes, pipelines.generate,
 # pipelines.blora, studio.orthogonal, pipelines.compose) on the toy model, judged like the base section.
-#
-# Two bench-local workarounds for studio bugs with toy-xl (its UNet has a per-block ``layers_per_block``
-# list, (1, 1, 2), which parts of the code expect to be an int); both are reported to the owners:
-# * diffusers' ``set_adapters`` expands per-block LoRA scales with ``layers_per_block + 1`` and fails on a
-#   list even for plain float weights. For float weights the expansion is the identity, so float weights are
-#   passed through (``_patch_adapter_scales``); dict (per-block) weights still go to diffusers.
-# * ``lora_io.to_kohya`` (the kohya export written next to every trained LoRA) fails the same way; when it
-#   does, the recipe's ``write`` falls back to the library file alone (``_recipe``).
+
 
 METHOD_RES = 64  # training and generation resolution (the toy model's native size)
 DB_STEPS, DB_RANK, DB_LR = 200, 8, 1e-3
 
 
-def _patch_adapter_scales() -> None:
-    import diffusers.loaders.peft as dpeft
-
-    key = "UNet2DConditionModel"
-    orig = dpeft._SET_ADAPTER_SCALE_FN_MAPPING[key]
-    if getattr(orig, "_bench_passthrough", False):
-        return
-
-    def expand(unet, weights):
-        if not isinstance(unet.config.layers_per_block, int) and all(isinstance(w, (int, float)) for w in weights):
-            return list(weights)
-        return orig(unet, weights)
-
-    expand._bench_passthrough = True
-    dpeft._SET_ADAPTER_SCALE_FN_MAPPING[key] = expand
-
-
 def _recipe(method: str, ws):
-    from studio import lora_io
     from trainers.recipes import get_recipe
 
     rec = get_recipe(method)
     if hasattr(rec, "bind"):
         rec.bind(ws)
-    full_write = rec.write
-
-    def write(ws_, name, comps, meta, pipe, cfg, info):
-        try:
-            return full_write(ws_, name, comps, meta, pipe, cfg, info)
-        except TypeError:  # to_kohya on a per-block layers_per_block (see above)
-            return [lora_io.save_lora(ws_.lora_path(name), comps, meta)]
-
-    rec.write = write
     return rec
 
 
@@ -673,16 +622,10 @@ def main(argv=None) -> int:
         if name not in SECTIONS:
             ap.error(f"unknown section {name!r}; known: {', '.join(SECTIONS)}")
     DB_STEPS = BLORA_STEPS = args.train_steps
-    _patch_adapter_scales()
-    if Path(args.model).resolve() == DEFAULT_MODEL.resolve():
-        from studio.models import load_pipeline
+    from studio.models import load_pipeline
 
-        model_ref = "toy-xl"
-        pipe = load_pipeline(model_ref, device="cpu", dtype=torch.float32)
-        pipe.set_progress_bar_config(disable=True)
-    else:
-        model_ref = str(args.model)
-        pipe = load_toy_pipeline(args.model)
+    model_ref = "toy-xl" if Path(args.model).resolve() == DEFAULT_MODEL.resolve() else str(args.model)
+    pipe = load_pipeline(model_ref, device="cpu", dtype=torch.float32)
     ctx = Context(pipe=pipe, judge=judge, out=out, n=args.n, n_two=args.n_two, steps=args.steps,
                   guidance=args.guidance, seed=args.seed, batch=args.batch, model_ref=model_ref,
                   per_prompt=args.per_prompt, n_compose=args.n_compose,

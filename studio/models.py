@@ -250,7 +250,10 @@ def load_pipeline(ref: str, device: str | None = None, dtype: str | torch.dtype 
     elif path.is_dir():
         if not (path / "model_index.json").is_file():
             raise ModelError(f"{path} is not a diffusers model folder (no model_index.json).")
-        pipe = _from_pretrained(str(path), dt, local=True)
+        if (path / "unet").is_dir() and not (path / "tokenizer").is_dir():
+            pipe = build_from_configs(path, weights=True)  # toy-xl layout: weights only, the bundled CLIP tokenizer
+        else:
+            pipe = _from_pretrained(str(path), dt, local=True)
     elif "/" in ref and not ref.startswith((".", "/")) and ref.count("/") == 1:
         pipe = _from_pretrained(ref, dt, local=False)
     else:

@@ -86,3 +86,17 @@ def test_lora_on_toy_model_with_per_block_layers(tmp_path):
     base = np.asarray(generate(pipe, cfg).images[0], dtype=np.float32)
     with_lora = np.asarray(generate(pipe, cfg, [LoraRef(ws.lora_path("toy"), 1.0)]).images[0], dtype=np.float32)
     assert np.abs(base - with_lora).mean() > 0.1
+
+
+def test_local_folder_in_toy_layout_loads(tmp_path):
+    """A folder laid out like toy-xl (weights, no tokenizer folders) loads with the bundled CLIP tokenizer."""
+    import shutil
+
+    from studio.models import ASSETS
+
+    folder = tmp_path / "toy-copy"
+    shutil.copytree(ASSETS / "toy-xl", folder)
+    pipe = load_pipeline(str(folder), device="cpu", dtype="fp32")
+    ref = load_pipeline("toy-xl", device="cpu", dtype="fp32")
+    assert len(pipe.tokenizer) == 49408 and pipe.tokenizer_2.pad_token == "!"
+    assert all(torch.equal(a, b) for a, b in zip(pipe.unet.state_dict().values(), ref.unet.state_dict().values()))
