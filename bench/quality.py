@@ -99,6 +99,7 @@ class Context:
     per_prompt: int = 4
     n_compose: int = 8
     orth_counts: tuple = (2, 3, 5)
+    concept_position: bool = True  # composition: each concept prompt names its side ("… on the left")
     extra: dict = field(default_factory=dict)
 
 
@@ -467,8 +468,12 @@ def section_composition(ctx: Context) -> dict:
     context = prompt.split(", ", 1)[1]  # "on a cyan plain background, flat style"
     # boxes around where the world draws a medium object on the left/right (centre x 18/46 ± 2 px, radius 12 px, of
     # 64), leaving the top and bottom margins to the base prompt, as LoRA-Composer's boxes are meant to be used
-    concepts = [ConceptEntry(lora=str(la), prompt=f"a {a} emblem, {context}", token=a, region=LEFT_BOX),
-                ConceptEntry(lora=str(lb), prompt=f"a {b} emblem, {context}", token=b, region=RIGHT_BOX)]
+    # concept prompts in the world's own language: a single object's caption names its side ("a kavo emblem on the
+    # left, …"); the toy model learned position from those words. Without them (--no-concept-position) a concept's
+    # box hears "an object, centred", which the toy model draws as background, so the box stays empty.
+    where = (" on the left", " on the right") if ctx.concept_position else ("", "")
+    concepts = [ConceptEntry(lora=str(la), prompt=f"a {a} emblem{where[0]}, {context}", token=a, region=LEFT_BOX),
+                ConceptEntry(lora=str(lb), prompt=f"a {b} emblem{where[1]}, {context}", token=b, region=RIGHT_BOX)]
     rows, metrics, grid_imgs = [], {}, []
     conds = [("base model (no LoRA)", None), ("merge", "merge"), ("composer", "composer"), ("clora", "clora")]
     for label, engine in conds:
@@ -495,7 +500,7 @@ def section_composition(ctx: Context) -> dict:
         grid_imgs += imgs[:8]
     tw.contact_sheet(grid_imgs, cols=8, scale=2).save(ctx.out / "composition_grid.png")
     return {"title": f"Composition: {a} (left) + {b} (right) with two DreamBooth LoRAs",
-            "setup": {"prompt": prompt, "regions": f"left {LEFT_BOX}, right {RIGHT_BOX}; concept prompts 'a <subject> emblem, {context}'", "images_per_engine": n,
+            "setup": {"prompt": prompt, "regions": f"left {LEFT_BOX}, right {RIGHT_BOX}", "concept_prompts": [c.prompt for c in concepts], "images_per_engine": n,
                       "gen_steps": ctx.steps, "guidance": ctx.guidance, "seed": ctx.seed, "loras": "the dreambooth section's"},
             "metrics": metrics, "rows": rows, "grid": "composition_grid.png",
             "notes": "both present: the judge finds both subjects among left/right/centre heads; each in its region: "
@@ -603,6 +608,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, from: {', '.join(SECTIONS)} (default: all)")
     ap.add_argument("--per-prompt", type=int, default=4, help="method sections: images per prompt")
     ap.add_argument("--n-compose", type=int, default=8, help="composition: images per engine")
+    ap.add_argument("--no-concept-position", dest="concept_position", action="store_false",
+                    help="composition: concept prompts without their side ('a kavo emblem, …' instead of '… on the left, …')")
     ap.add_argument("--train-steps", type=int, default=DB_STEPS, help="method sections: LoRA training steps")
     ap.add_argument("--orth-counts", default="2,3,5", help="orthogonal: numbers of subjects merged (at most 5)")
     ap.add_argument("--n", type=int, default=64, help="one-object prompts")
@@ -628,7 +635,7 @@ def main(argv=None) -> int:
     pipe = load_pipeline(model_ref, device="cpu", dtype=torch.float32)
     ctx = Context(pipe=pipe, judge=judge, out=out, n=args.n, n_two=args.n_two, steps=args.steps,
                   guidance=args.guidance, seed=args.seed, batch=args.batch, model_ref=model_ref,
-                  per_prompt=args.per_prompt, n_compose=args.n_compose,
+                  per_prompt=args.per_prompt, n_compose=args.n_compose, concept_position=args.concept_position,
                   orth_counts=tuple(int(x) for x in args.orth_counts.split(",") if x.strip()))
     if not ctx.orth_counts or not all(1 <= n <= len(ORTH_SUBJECTS) for n in ctx.orth_counts):
         ap.error(f"--orth-counts: numbers from 1 to {len(ORTH_SUBJECTS)}")

@@ -10,7 +10,8 @@ needs only one adapter).
   averaged over heads and layers, per pass.
 * **Contrastive latent optimisation** (early steps): every concept is a group; the min-max-normalised maps of its
   tokens in every pass are positives, maps of other concepts negatives; NT-Xent/InfoNCE with cosine similarity and
-  τ = 0.5; z ← z − η∇L (η = 20). At chosen steps extra inner iterations repeat the update. As in the official
+  τ = 0.5; z ← z − η∇L (η = 20, on the unit-variance latent the UNet sees, as with the code's DDIM latents:
+  ``Sampler.descend``). At chosen steps extra inner iterations repeat the update. As in the official
   code, the noise prediction of the pass before the last update is used for the scheduler step (one-step lag).
 * **Masks**: for pass j ≥ 1, Bⱼ = ⋁_τ [Aⱼ[:, τ] > α·max Aⱼ[:, τ]] over the concept's tokens (α = 0.3), optional
   3×3 morphology; the base pass owns every pixel no LoRA claims; masks are normalised to sum to 1 (overlaps are
@@ -112,7 +113,7 @@ def contrastive_update(sm, ctl, latents, t, conds, groups, opt, rows, router=Non
         loss = info_nce(*map_embeddings(maps, groups), temperature=opt.temperature)
         if loss.requires_grad:
             grad = torch.autograd.grad(loss, z)[0]
-            z = z - opt.step_size * grad
+            z = sm.descend(z, grad, t, opt.step_size)
     if uncond is not None:
         noise = torch.stack([uncond, noise.detach()], 1).flatten(0, 1)  # back to [u0, c0, u1, c1, …]
         router.names = [a for a in adapters for _ in range(rows)]

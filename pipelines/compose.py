@@ -209,6 +209,15 @@ class Sampler:
         self.evals += latents.shape[0] * (3 if torch.is_grad_enabled() and latents.requires_grad else 1)
         return self.pipe.unet(sample, t, encoder_hidden_states=emb, added_cond_kwargs=added, return_dict=False)[0]
 
+    def descend(self, z: torch.Tensor, grad: torch.Tensor, t, step_size: float) -> torch.Tensor:
+        """Gradient step on the latent, taken where the papers take it: on the unit-variance latent the UNet sees.
+
+        LoRA-Composer and CLoRA step DDIM/DPM-Solver latents, for which ``scale_model_input`` is the identity. With
+        sigma-scaled schedulers (Euler, the SDXL default) the UNet sees x = c·z with c = 1/√(σ²+1), so the same
+        step on x is z ← z − η·∇_z L / c²; a plain step on z would be (σ²+1)× too weak (≈200× at σ = 14.6)."""
+        c = float(self.pipe.scheduler.scale_model_input(torch.ones(1, device=z.device, dtype=torch.float32), t).reshape(-1)[0])
+        return z - (step_size / (c * c)) * grad
+
     def guide(self, noise: torch.Tensor) -> torch.Tensor:
         if not self.cfg:
             return noise

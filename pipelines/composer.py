@@ -17,7 +17,9 @@ One UNet with the base weights runs every pass; the concept LoRAs act only where
   L = Σ w_ce·max(0, 1 − topk-mean(Ãₙᶜ ⊙ Mₙ ⊙ G)) + Σ w_fill·(‖maxᵢ(Aₙᶜ⊙Mₙ) − 1_cols‖₁ + ‖maxⱼ(…) − 1_rows‖₁)
       + Σ w_region·topk-mean(Ā_self[p ∈ Mₙ, q ∉ Mₙ]),
   read at the ⌈H/32⌉×⌈W/32⌉ layers (Ã: 3×3 Gaussian-smoothed, σ = 0.5; G: a box-shaped Gaussian, σ = 1 on [−1, 1];
-  top-k = 20 % of the box area); z ← z − φᵢ∇L with φᵢ = 20·√sᵢ, sᵢ linear from 1 to 0.5 over the schedule.
+  top-k = 20 % of the box area); z ← z − φᵢ∇L with φᵢ = 20·√sᵢ, sᵢ linear from 1 to 0.5 over the schedule. The
+  step is taken on the unit-variance latent the UNet sees (the code's DPM-Solver latents); with sigma-scaled
+  schedulers such as Euler, SDXL's default, that is ``Sampler.descend``, not a raw step on z.
   Updates stop for good after ``guidance_until`` of the steps (paper: 25 of 50), or once the loss rises versus the
   previous step after ``min_guidance_steps`` (paper: 5 of 50).
 
@@ -106,7 +108,7 @@ def run_composer(pipe, rs: ResolvedSpec, seed: int, stop=None, progress=None, ho
                     loss = composer_loss(ctl, cap, tokens, masks, opt)
                     if loss.requires_grad:
                         grad = torch.autograd.grad(loss, z)[0]
-                        latents = (z - opt.step_size * math.sqrt(float(scale[i])) * grad).detach()
+                        latents = sm.descend(z, grad, t, opt.step_size * math.sqrt(float(scale[i]))).detach()
                 stats["guided_steps"] += 1
                 stats["losses"].append(float(loss))
                 if prev is not None and i >= min_steps and float(loss) > prev:

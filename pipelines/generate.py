@@ -11,6 +11,7 @@ import json
 import random
 import threading
 import time
+import warnings
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,7 +79,8 @@ def lora_stack(pipe, loras: list[LoraRef]):
             lora_io.check_compatible(pipe, ref.path)
             name = _adapter_name(ref, used)
             try:
-                pipe.load_lora_weights(str(ref.path), adapter_name=name)
+                with _quiet_diffusers():  # "No LoRA keys associated to CLIPTextModel…" for every UNet-only file
+                    pipe.load_lora_weights(str(ref.path), adapter_name=name)
             except Exception as exc:  # noqa: BLE001 - diffusers raises many types for malformed files
                 raise LoraFormatError(f"Could not load {ref.path.name} as a LoRA: {exc}") from exc
             names.append(name)
@@ -88,6 +90,32 @@ def lora_stack(pipe, loras: list[LoraRef]):
     finally:
         if names:
             pipe.delete_adapters(names)
+            release_lora_layers(pipe)
+
+
+def release_lora_layers(pipe) -> None:
+    """Unwrap PEFT's LoRA layers once no adapter is left. ``delete_adapters`` keeps an empty wrapper around every
+    targeted layer, which costs every later generation a Python check per layer (+24 % per step on tiny-sdxl)."""
+    try:
+        left = pipe.get_list_adapters()
+    except ValueError:  # no PEFT layers at all
+        return
+    if not any(left.values()):
+        pipe.unload_lora_weights()
+
+
+@contextmanager
+def _quiet_diffusers():
+    from diffusers.utils import logging as dlog
+
+    level = dlog.get_verbosity()
+    dlog.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():  # PEFT: "Already found a `peft_config` attribute" for every second adapter
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            yield
+    finally:
+        dlog.set_verbosity(level)
 
 
 @contextmanager

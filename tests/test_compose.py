@@ -117,6 +117,49 @@ def test_fused_generation_equals_unfused_and_restores_exactly(xl):
     assert [p.requires_grad for p in pipe.unet.parameters()] == grads
 
 
+def test_no_lora_layers_left_after_generate_and_compose(xl):
+    """Once the run's adapters are deleted, PEFT's wrapper layers go too: later plain generations run the bare model."""
+    pipe, loras, _ = xl
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    def wrappers():
+        return [n for c in ("unet", "text_encoder", "text_encoder_2") for n, m in getattr(pipe, c).named_modules()
+                if isinstance(m, BaseTunerLayer)]
+
+    generate(pipe, GenerateConfig(prompt="a dog", seed=1, steps=1, width=64, height=64), [LoraRef(loras[0], 0.7)])
+    assert wrappers() == []
+    compose(pipe, spec(loras, "composer", steps=1), None, save=False)
+    assert wrappers() == [] and not getattr(pipe.unet, "peft_config", None)
+
+
+@pytest.mark.parametrize("scheduler", ["EulerDiscreteScheduler", "DDIMScheduler"])
+def test_latent_gradient_step_is_taken_on_the_unit_variance_latent(xl, scheduler):
+    """The engines' latent updates (z − η∇L, LoRA-Composer/CLoRA) are steps on the latent the UNet sees, as with the
+    papers' DDIM/DPM-Solver latents: with Euler that is z·c, c = 1/√(σ²+1), so z moves by η∇_z L/c²."""
+    import diffusers
+
+    from pipelines.compose import Sampler
+
+    pipe, _, _ = xl
+    saved = pipe.scheduler
+    pipe.scheduler = getattr(diffusers, scheduler).from_config(saved.config)
+    try:
+        sm = Sampler(pipe, 64, 64, 10, 5.0, 0)
+        t = sm.timesteps()[0]
+        z = torch.randn(1, 4, 8, 8)
+        g = torch.randn_like(z)
+        x = pipe.scheduler.scale_model_input(z, t)
+        c = float((x / z).mean())
+        expected = (x - 20.0 * (g / c)) / c  # a plain step on x with ∇_x L = ∇_z L / c, mapped back to z
+        assert torch.allclose(sm.descend(z, g, t, 20.0), expected, rtol=1e-4, atol=1e-4)
+        if scheduler == "EulerDiscreteScheduler":
+            assert c < 0.2  # the first Euler step is strongly scaled: an unscaled step would be far too weak
+        else:
+            assert c == pytest.approx(1.0)
+    finally:
+        pipe.scheduler = saved
+
+
 def test_composer_all_parts_off_equals_merge(xl):
     pipe, loras, _ = xl
     off = dict(region_cross_attn=False, self_attn_isolation=False, latent_reinit=False, loss_guidance=False)
