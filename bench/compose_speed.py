@@ -59,11 +59,6 @@ def timed(fn, steps: int) -> tuple[float, float]:
     return (marks[-1] - marks[0]) / max(1, len(marks) - 1), marks[-1] - t0
 
 
-def best(fn, steps: int, repeats: int) -> tuple[float, float]:
-    runs = [timed(fn, steps) for _ in range(repeats)]
-    return min(r[0] for r in runs), min(r[1] for r in runs)
-
-
 def bench(model: str, size: int, steps: int, device: str | None, max_loras: int, engines: list[str], repeats: int) -> dict:
     from pipelines.compose import compose
     from pipelines.generate import generate
@@ -82,7 +77,7 @@ def bench(model: str, size: int, steps: int, device: str | None, max_loras: int,
         generate(pipe, GenerateConfig(prompt=prompt, seed=1, steps=steps, width=size, height=size), progress=progress)
 
     timed(plain, steps)  # warm-up
-    base_step, base_total = best(plain, steps, repeats)
+    plain_runs: list[tuple[float, float]] = []
     rows = []
     for n in range(1, max_loras + 1):
         for engine in engines:
@@ -95,15 +90,25 @@ def bench(model: str, size: int, steps: int, device: str | None, max_loras: int,
                 box["r"] = compose(pipe, spec, None, progress=progress, save=False)
 
             timed(run, steps)
-            sec, total = best(run, steps, repeats)
+            # plain and engine runs alternate, and each row is compared with its own plain runs: on a shared or
+            # throttling CPU the speed drifts by 10-20 % over minutes, which a single baseline at the start misreads
+            paired = []
+            runs = []
+            for _ in range(repeats):
+                paired.append(timed(plain, steps))
+                runs.append(timed(run, steps))
+            plain_runs.extend(paired)
+            base_step, base_total = min(r[0] for r in paired), min(r[1] for r in paired)
+            sec, total = min(r[0] for r in runs), min(r[1] for r in runs)
             st = box["r"].stats
             evals = st["unet_evals"] / steps
             rows.append({"engine": engine, "loras": n, "unet_evals_per_step": evals, "x_plain_evals": evals / plain_evals,
-                         "sec_per_step": sec, "x_plain": sec / base_step,
+                         "sec_per_step": sec, "x_plain": sec / base_step, "plain_sec_per_step": base_step,
                          "total_sec": total, "x_plain_total": total / base_total})
             print(f"{model:>12} {size:>5}px {str(pipe.device):>6}  {engine:>8}  loras={n}  evals/step={evals:5.2f}"
-                  f" ({evals / plain_evals:4.2f}x)  s/step={sec:8.4f} ({sec / base_step:4.2f}x plain)"
+                  f" ({evals / plain_evals:4.2f}x)  s/step={sec:8.4f} ({sec / base_step:4.2f}x plain {base_step:.4f})"
                   f"  total={total:7.2f}s ({total / base_total:4.2f}x plain)", flush=True)
+    base_step, base_total = min(r[0] for r in plain_runs), min(r[1] for r in plain_runs)
     return {"model": model, "size": size, "steps": steps, "device": str(pipe.device),
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "threads": torch.get_num_threads(),
             "plain_sec_per_step": base_step, "plain_total_sec": base_total, "plain_unet_evals_per_step": plain_evals,

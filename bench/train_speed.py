@@ -37,6 +37,9 @@ def main() -> None:
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--mixed-precision", default="auto")
     p.add_argument("--warm", action="store_true", help="also time the start-up of a second run in the same process")
+    p.add_argument("--import-floor", action="store_true",
+                   help="also time, in a fresh interpreter, importing only the libraries any SD/SDXL LoRA trainer needs "
+                        "(torch, diffusers' UNet/VAE/scheduler, transformers' CLIP, peft, accelerate): the start-up floor")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "train_speed.json"))
     args = p.parse_args()
 
@@ -82,6 +85,7 @@ def main() -> None:
                                mixed_precision=args.mixed_precision)
             train(cfg2, DreamBoothRecipe(), Workspace(tmp), events=warm_events)
         warm = marks[0] if marks else None
+    floor = import_floor() if args.import_floor else None
     steady = [b - a for a, b in zip(times[len(times) // 5:], times[len(times) // 5 + 1:])] or [float("nan")]
     result = {
         "model": args.model, "steps": args.steps, "rank": args.rank, "batch": args.batch, "resolution": args.resolution or "default",
@@ -89,6 +93,7 @@ def main() -> None:
         "steps_per_s": 1.0 / statistics.median(steady),
         "startup_to_first_step_s": first_step.get("t"),
         "warm_start_to_first_step_s": warm,
+        "library_import_floor_s": floor,
         "train_call_s": total,
         "peak_memory_gb": peak_gb,
         "peak_memory_kind": "cuda max_memory_allocated" if cuda else "process max RSS",
@@ -100,6 +105,29 @@ def main() -> None:
     for k, v in result.items():
         print(f"{k:>24}: {v:.3f}" if isinstance(v, float) else f"{k:>24}: {v}")
     print(f"written: {out}")
+
+
+FLOOR_CODE = """
+import time
+t = time.perf_counter()
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+import accelerate, peft
+print(time.perf_counter() - t)
+"""
+
+
+def import_floor(repeats: int = 3) -> float:
+    """Best of ``repeats`` fresh interpreters: seconds to import the libraries alone (no studio code, no work)."""
+    import subprocess
+    import sys
+
+    runs = []
+    for _ in range(repeats):
+        out = subprocess.run([sys.executable, "-c", FLOOR_CODE], capture_output=True, text=True, check=True).stdout
+        runs.append(float(out.strip().splitlines()[-1]))
+    return min(runs)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -50,12 +51,61 @@ class Router:
 
     def __init__(self):
         self.names: list[str] | None = None
+        self._runs: tuple[tuple, list] = ((), [])
+
+    def runs(self) -> list[tuple[str, int, int]]:
+        """``names`` as contiguous runs (adapter, start, end): the engines lay batches out pass by pass."""
+        key = tuple(self.names)
+        if self._runs[0] != key:
+            self._runs = (key, _runs_of(key))
+        return self._runs[1]
+
+
+def _runs_of(names) -> list[tuple[str, int, int]]:
+    out: list[tuple[str, int, int]] = []
+    for i, n in enumerate(names):
+        if out and out[-1][0] == n:
+            out[-1] = (n, out[-1][1], i + 1)
+        else:
+            out.append((n, i, i + 1))
+    return out
+
+
+def _routed_linear_forward(m, router: Router, x, *args, **kwargs):
+    """PEFT LoRA ``Linear`` forward with per-sample adapters taken from ``router``, on contiguous batch slices.
+
+    Same result as PEFT's own ``adapter_names=`` path (``_mixed_batch_forward``), which gathers and scatters every
+    sub-batch with Python index lists in every layer; slices make routing nearly free, and an all-base batch runs
+    the base layer alone. Anything unusual (DoRA and other variants, disabled adapters, an explicit
+    ``adapter_names``) goes through PEFT's forward unchanged."""
+    if router.names is None or "adapter_names" in kwargs:
+        return type(m).forward(m, x, *args, **kwargs)
+    return _forward_runs(m, x, router.names, router.runs(), *args, **kwargs)
+
+
+def _forward_runs(m, x, names, runs, *args, **kwargs):
+    if m.disable_adapters or m.merged or any(a in m.lora_variant for a, _, _ in runs):
+        return type(m).forward(m, x, *args, adapter_names=names, **kwargs)
+    result = m.base_layer(x, *args, **kwargs)
+    pieces = []
+    for a, start, end in runs:
+        piece = result[start:end] if len(runs) > 1 else result
+        if a != BASE and a in m.lora_A:
+            lora_a = m.lora_A[a]
+            part = x[start:end].to(lora_a.weight.dtype)
+            piece = piece + (m.lora_B[a](lora_a(m.lora_dropout[a](part))) * m.scaling[a]).to(result.dtype)
+        pieces.append(piece)
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
 @contextmanager
 def adapter_routing(unet):
+    """Route one adapter per batch sample (``router.names``) through every PEFT LoRA layer of ``unet``."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
     router = Router()
     handles = []
+    patched = []
 
     def hook(module, args, kwargs):
         if router.names is not None and "adapter_names" not in kwargs:
@@ -64,9 +114,15 @@ def adapter_routing(unet):
 
     try:
         for _, m in _tuner_layers(unet):
-            handles.append(m.register_forward_pre_hook(hook, with_kwargs=True))
+            if type(m) is LoraLinear and "forward" not in m.__dict__:
+                m.forward = partial(_routed_linear_forward, m, router)
+                patched.append(m)
+            else:  # other layer types (conv LoRA, quantised layers): PEFT's own adapter_names path
+                handles.append(m.register_forward_pre_hook(hook, with_kwargs=True))
         yield router
     finally:
+        for m in patched:
+            del m.forward
         for h in handles:
             h.remove()
 
@@ -104,8 +160,11 @@ def fused_adapters(unet, names: list[str], bypass: bool = False):
 
 def routed(module, x, names: list[str] | None):
     """Call a (possibly PEFT-wrapped) linear layer with per-sample adapters."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
     from peft.tuners.tuners_utils import BaseTunerLayer
 
+    if names is not None and type(module) is LoraLinear:
+        return _forward_runs(module, x, names, _runs_of(names))
     if names is not None and isinstance(module, BaseTunerLayer):
         return module(x, adapter_names=names)
     return module(x)

@@ -207,6 +207,34 @@ def test_self_attention_bias_blocks_cross_region_probabilities():
     assert free[..., left, :][..., right].sum() > 0.1  # without the bias they do attend across
 
 
+def test_fast_routing_equals_peft_mixed_batch(xl):
+    """adapter_routing's slice-based LoRA forward gives PEFT's own ``adapter_names=`` result, values and gradients."""
+    pipe, loras, _ = xl
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    pipe.load_lora_weights(str(loras[0]), adapter_name="ra")
+    pipe.load_lora_weights(str(loras[1]), adapter_name="rb")
+    try:
+        layer = next(m for n, m in pipe.unet.named_modules() if n.endswith("attn2.to_k") and type(m) is LoraLinear)
+        names = ["__base__", "__base__", "ra", "ra", "rb", "rb"]
+        x = torch.randn(6, 77, layer.in_features, requires_grad=True)
+        ref = LoraLinear.forward(layer, x, adapter_names=names)
+        (g_ref,) = torch.autograd.grad(ref.square().sum(), x)
+        with adapter_routing(pipe.unet) as router:
+            router.names = names
+            out = layer(x)
+            assert "forward" in layer.__dict__  # the fast path is installed
+            (g,) = torch.autograd.grad(out.square().sum(), x)
+            router.names = ["__base__"] * 6
+            assert torch.allclose(layer(x), layer.base_layer(x))
+        assert "forward" not in layer.__dict__  # and removed on exit
+        assert torch.allclose(out, ref, atol=1e-6) and torch.allclose(g, g_ref, atol=1e-5)
+        assert not torch.allclose(out[2:], layer.base_layer(x)[2:], atol=1e-4)  # the adapters act
+    finally:
+        pipe.delete_adapters(["ra", "rb"])
+        pipe.unload_lora_weights()
+
+
 def test_left_concept_lora_does_not_touch_right_pixels(xl):
     pipe, loras, _ = xl
     from pipelines.compose import Session  # noqa: F401 - engine toolkit is importable
