@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .config import SEED_MAX, _f
@@ -349,7 +350,7 @@ def load_mask(path: str, width: int, height: int, label: str) -> torch.Tensor:
                 arr = im.getchannel("A")
             else:
                 arr = im.convert("L")
-            data = torch.tensor(list(arr.getdata()), dtype=torch.float32).view(size[1], size[0]) / 255.0
+            data = torch.from_numpy(np.array(arr, dtype=np.float32)).view(size[1], size[0]) / 255.0
     except Exception as exc:  # noqa: BLE001 - PIL raises many types
         raise InputError(f"Mask image of {label} ({p.name}) is not a readable image: {exc}") from exc
     if size != (width, height):
