@@ -10,8 +10,10 @@
     (LoRA-Composer, region-aware LoRA injection); overlapping regions are averaged.
   Layers without these jobs keep PyTorch SDPA; capturing layers run eager attention.
 * ``saved_processors(unet)``: save ``unet.attn_processors`` and restore them on exit, also on exceptions.
-* ``adapter_routing(unet)``: per-sample PEFT adapters in one batch (``adapter_names=`` of PEFT LoRA layers, injected by
-  forward pre-hooks, the mechanism PEFT itself uses); ``"__base__"`` means no adapter.
+* ``adapter_routing(unet)``: per-sample PEFT adapters in one batch; ``"__base__"`` means no adapter. PEFT LoRA
+  ``Linear`` layers get a slice-based forward with the same result as PEFT's ``adapter_names=`` path (which gathers
+  and scatters each sub-batch with index lists in every layer); other layer types get ``adapter_names=`` injected by
+  forward pre-hooks, PEFT's own mechanism.
 * ``fused_adapters(unet, names)``: add adapters' ΔW into the base weights (for LoRAs that apply everywhere, so each
   sample still needs only one routed adapter); the exact original weights are restored on exit.
 """
