@@ -7,9 +7,9 @@ PORT ?= 7860
 MODEL ?=
 ARGS ?=
 
-.PHONY: run test install bench bench-quality clean
+.PHONY: run test install bench bench-quality bench-compare lock test-latest clean
 
-$(STAMP): pyproject.toml scripts/install.sh
+$(STAMP): pyproject.toml scripts/install.sh scripts/lock-cpu.txt scripts/lock-cuda.txt
 	bash scripts/install.sh $(VENV)
 	touch $(STAMP)
 
@@ -27,6 +27,15 @@ bench: $(STAMP)
 bench-quality: $(STAMP)
 	$(BIN)/python bench/quality.py $(ARGS)
 
+bench-compare: $(STAMP)
+	$(BIN)/python bench/compare_diffusers.py $(ARGS)
+
+# The install lock (scripts/lock-*.txt): regenerate it from a clean venv, or try the newest allowed versions.
+lock:
+	$(PY) scripts/lock.py lock
+
+test-latest:
+	$(PY) scripts/lock.py latest $(ARGS)
+
 clean:
-	rm -rf $(VENV) .pytest_cache
-bench-compare: $(STAMP) ; $(BIN)/python bench/compare_diffusers.py $(ARGS)
+	rm -rf $(VENV) .venv-latest .pytest_cache

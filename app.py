@@ -27,6 +27,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available).")
     args = p.parse_args(argv)
 
+    from studio.compat import check_versions
+    from studio.errors import StudioError
+
+    try:
+        check_versions()
+    except StudioError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     from studio.ui import build_demo, launch
     from studio.ui.actions import Services
 

@@ -11,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 
+from .compat import check_versions
 from .config import GenerateConfig, add_config_args, config_from_args
 from .errors import StudioError
 
@@ -335,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     try:
+        check_versions()
         return args.fn(args) or 0
     except StudioError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from .compat import check_versions
 from .errors import ModelError
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -218,6 +219,7 @@ def load_pipeline(ref: str, device: str | None = None, dtype: str | torch.dtype 
         config: for a single-file checkpoint of non-standard size, the model whose configs it follows (a bundled name
             such as ``tiny-sd`` or a diffusers folder); None uses the full-size SD1.5/SDXL configs.
     """
+    check_versions()
     ref = (ref or "").strip()
     if not ref:
         raise ModelError("No base model given.")
