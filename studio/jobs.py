@@ -381,9 +381,9 @@ def _generate(worker: Worker, job_id: str, config: dict) -> dict:
 
         res = style_transfer(pipe, cfg, ref(blora["content"]) if blora.get("content") else None,
                              ref(blora["style"]) if blora.get("style") else None, worker.ws,
-                             block_prompts=bool(blora.get("block_prompts")), extra_loras=loras, **hooks)
+                             block_prompts=bool(blora.get("block_prompts")), extra_loras=loras, run=job_id, **hooks)
     else:
-        res = generate(pipe, cfg, loras, worker.ws, **hooks)
+        res = generate(pipe, cfg, loras, worker.ws, run=job_id, **hooks)
     return {"outputs": [str(p) for p in res.paths], "seed": res.seed}
 
 
@@ -397,7 +397,7 @@ def _compose(worker: Worker, job_id: str, config: dict) -> dict:
     pipe = worker.pipeline()
     store = worker.store
     store.update(job_id, phase=f"composing ({spec.engine})", total=spec.steps)
-    res = compose(pipe, spec, worker.ws, stop=store.controls(job_id).stop,
+    res = compose(pipe, spec, worker.ws, stop=store.controls(job_id).stop, run=job_id,
                   progress=lambda s, t: store.update(job_id, step=s, total=t))
     out = {"outputs": [str(p) for p in res.paths], "seed": res.seed, "stats": res.stats}
     if res.masks:
