@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import gradio as gr
+from gradio.data_classes import FileData
 
 from . import actions
 from .actions import Services
@@ -58,7 +59,6 @@ def build_demo(services: Services) -> gr.Blocks:
 def _uploads(files, what: str) -> list[str]:
     """Server paths of the files the caller uploaded with this request; anything else (a server path given as text,
     a file outside Gradio's upload folder) is refused, so the API never reads a file the caller did not send."""
-    from gradio.data_classes import FileData
     from gradio.utils import get_upload_folder
 
     if files is None:
@@ -95,8 +95,6 @@ def _json(value, what: str, default):
 
 def _files(job: dict) -> dict:
     """The job record with its images as files the client downloads (``files``; ``masks`` for clora)."""
-    from gradio.data_classes import FileData
-
     res = job.get("result") or {}
     job["files"] = [FileData(path=p).model_dump() for p in res.get("outputs", []) if Path(p).is_file()]
     job["mask_files"] = [FileData(path=p).model_dump() for p in res.get("masks", []) if Path(p).is_file()]
@@ -106,7 +104,6 @@ def _files(job: dict) -> dict:
 def _api(services: Services) -> None:
     """Typed endpoints for gradio_client: the same actions the buttons use. Files go in as uploads
     (``gradio_client.handle_file``) and come back as files; every argument is checked with a message naming it."""
-    from gradio.data_classes import FileData
 
     def train(images: list[FileData], name: str, method: str = "dreambooth", settings: dict | str | None = None,
               preset: str = "", overwrite: bool = False) -> dict:

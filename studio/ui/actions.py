@@ -124,7 +124,7 @@ def submit_training(services: Services, files: list[str] | None, method: str, va
     if preset not in (None, "") and preset not in presets:
         raise InputError(f"preset must be one of {', '.join(presets)} (got {preset!r}).")
     name = values.get("name")
-    name = name.strip() if isinstance(name, str) else name
+    name = name.strip(" ") if isinstance(name, str) else name  # spaces typed around a name; never newlines
     services.ws.check_name(name)
     if not files:
         raise InputError("Add reference images first: drop a few pictures of your subject on the upload box.")
