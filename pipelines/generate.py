@@ -238,6 +238,8 @@ def generate(pipe, cfg: GenerateConfig, loras: list[LoraRef] = (), ws: Workspace
              stop: threading.Event | None = None, progress=None, save: bool = True, run: str | None = None) -> GenerateResult:
     """Generate ``cfg.batch`` images. Returns saved PNG paths (when ``ws``; named ``<run>-<index>.png``, ``run`` the
     job id or a fresh ``run_id()``) and the used seed."""
+    for ref in loras:  # before anything is read: a NaN/inf/huge weight renders a black image called success
+        check_weight(ref.weight, f"weight of LoRA {ref.adapter}")
     seed = resolve_seed(cfg.seed)
     res = default_resolution(pipe)
     width, height = cfg.width or res, cfg.height or res
