@@ -224,10 +224,22 @@ class Worker:
         self.last_error = ""
         self._closed = threading.Event()
         for job_id in store.queued():  # jobs that never started before a restart run now, in their order
+            self._hold_names(store.get(job_id))
             self.queue.put(job_id)
         self.thread = self._start_thread()
         self.supervisor = threading.Thread(target=self._supervise, name="studio-worker-supervisor", daemon=True)
         self.supervisor.start()
+
+    def _hold_names(self, job: dict) -> None:
+        """Re-queued trainings hold their library names again, as at submission."""
+        if job["kind"] == "train" and job["config"].get("name"):
+            from types import SimpleNamespace
+
+            from trainers.loop import library_names
+
+            cfg = SimpleNamespace(method=job["config"].get("method", "dreambooth"), name=job["config"]["name"])
+            with self.ws.reservations.locked() as res:
+                res.hold(library_names(cfg), job["id"])
 
     def _start_thread(self) -> threading.Thread:
         t = threading.Thread(target=self._run, name="studio-gpu-worker", daemon=True)
