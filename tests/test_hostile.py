@@ -284,7 +284,12 @@ def test_restart_requeues_waiting_jobs_and_says_whether_training_can_resume(tmp_
     """Stop the server process with a training running and generations queued; start it again."""
     from gradio_client import Client
 
-    ws, port = tmp_path / "ws", 7931
+    import socket
+
+    with socket.socket() as sock:  # a free port (the same one for both starts)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ws = tmp_path / "ws"
     cmd = [sys.executable, "app.py", "--model", "tiny-sd", "--workspace", str(ws), "--port", str(port)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
