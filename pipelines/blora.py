@@ -60,7 +60,7 @@ from studio.errors import InputError
 from studio.library import Workspace
 from studio.models import ARCH_SDXL, architecture
 
-from .generate import GenerateResult, LoraRef, generate, save_png
+from .generate import GenerateResult, LoraRef, generate, run_id, save_png
 
 DEFAULT_CONTENT_WEIGHT = 1.0  # α = 1
 DEFAULT_STYLE_WEIGHT = 1.0  # α = 1 (the paper's experiments); 1.21 = α 1.1 for a stronger style
@@ -194,7 +194,7 @@ def _own_style(content: LoraRef, given_role: str, ws: Workspace | None, tmp: Pat
 def style_transfer(pipe, cfg: GenerateConfig, content: LoraRef | None = None, style: LoraRef | None = None,
                    ws: Workspace | None = None, *, block_prompts: bool = False, content_prompt: str = "",
                    own_style_weight: float = 0.0, extra_loras: list[LoraRef] | tuple = (), stop=None, progress=None,
-                   save: bool = True) -> GenerateResult:
+                   save: bool = True, run: str | None = None) -> GenerateResult:
     """Generate with a content B-LoRA and/or a style B-LoRA, each at its own linear weight (``LoraRef.weight``).
 
     ``cfg.prompt`` may use ``[c]`` / ``[s]`` for the two tokens. ``block_prompts`` feeds ``content_prompt``
@@ -241,9 +241,9 @@ def style_transfer(pipe, cfg: GenerateConfig, content: LoraRef | None = None, st
     params = {**result.params, "blora": info}
     paths = []
     if save and ws is not None:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
+        stem = run or run_id()
         for i, img in enumerate(result.images):
-            paths.append(save_png(img, ws.outputs / f"{stamp}-{result.seed}-{i}.png", {**params, "index": i}))
+            paths.append(save_png(img, ws.outputs / f"{stem}-{i}.png", {**params, "index": i}))
     return GenerateResult(paths, result.seed, result.images, params)
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from pipelines.generate import LoraRef, generate, lora_entries, lora_stack, resolve_seed, save_png
+from pipelines.generate import LoraRef, generate, lora_entries, lora_stack, resolve_seed, run_id, save_png
 from studio.attention import adapter_routing, fused_adapters, saved_processors
 from studio.composition import CompositionSpec, ResolvedSpec, resolve
 from studio.config import GenerateConfig
@@ -43,8 +43,9 @@ class ComposeResult:
 
 
 def compose(pipe, spec: CompositionSpec, ws=None, stop: threading.Event | None = None, progress=None,
-            save: bool = True) -> ComposeResult:
-    """Generate one image from ``spec``. ``progress(step, total)`` is called every step; setting ``stop`` ends the
+            save: bool = True, run: str | None = None) -> ComposeResult:
+    """Generate one image from ``spec`` (saved as ``<run>-compose-<engine>-<index>.png``, ``run`` the job id or a fresh
+    ``run_id()``). ``progress(step, total)`` is called every step; setting ``stop`` ends the
     run at the next step with ``CancelledError``. The pipeline is left as it was, also on errors."""
     rs = resolve(spec, pipe, ws)
     seed = resolve_seed(spec.seed)
@@ -62,8 +63,8 @@ def compose(pipe, spec: CompositionSpec, ws=None, stop: threading.Event | None =
     result.stats["seconds"] = time.perf_counter() - t0
     result.params = _params(pipe, rs, seed)
     if save and ws is not None:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        result.paths = [save_png(img, ws.outputs / f"{stamp}-{seed}-compose-{spec.engine}-{i}.png", {**result.params, "index": i})
+        stem = run or run_id()
+        result.paths = [save_png(img, ws.outputs / f"{stem}-compose-{spec.engine}-{i}.png", {**result.params, "index": i})
                         for i, img in enumerate(result.images)]
     return result
 

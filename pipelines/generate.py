@@ -11,6 +11,7 @@ import json
 import random
 import threading
 import time
+import uuid
 import warnings
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from studio import lora_io
 from studio.config import SEED_MAX, GenerateConfig, to_dict
 from studio.errors import CancelledError, InputError, LoraFormatError
 from studio.library import Workspace
+from studio.safety import check_lora_file, check_weight, disk_errors
 from studio.models import architecture, default_resolution
 
 
@@ -76,7 +78,9 @@ def lora_stack(pipe, loras: list[LoraRef]):
     used: set[str] = set()
     try:
         for ref in loras:
+            check_weight(ref.weight, f"weight of LoRA {ref.adapter}")
             lora_io.check_compatible(pipe, ref.path)
+            check_lora_file(ref.path)  # NaN/inf would render a black image reported as success
             name = _adapter_name(ref, used)
             try:
                 with _quiet_diffusers():  # "No LoRA keys associated to CLIPTextModel…" for every UNet-only file
@@ -170,11 +174,20 @@ def png_info(params: dict) -> PngImagePlugin.PngInfo:
     return info
 
 
+def run_id() -> str:
+    """A unique stem for one run's output files (time for sorting, random part against collisions)."""
+    return time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:8]
+
+
 def save_png(img, path: Path, params: dict) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    img.save(tmp, format="PNG", pnginfo=png_info(params))
-    tmp.replace(path)
+    try:
+        with disk_errors(f"the image {path.name}"):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            img.save(tmp, format="PNG", pnginfo=png_info(params))
+            tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -222,8 +235,11 @@ def encode_with_decor(pipe, cfg: GenerateConfig, device) -> dict:
 
 @torch.no_grad()
 def generate(pipe, cfg: GenerateConfig, loras: list[LoraRef] = (), ws: Workspace | None = None, *,
-             stop: threading.Event | None = None, progress=None, save: bool = True) -> GenerateResult:
-    """Generate ``cfg.batch`` images. Returns saved PNG paths (when ``ws``) and the used seed."""
+             stop: threading.Event | None = None, progress=None, save: bool = True, run: str | None = None) -> GenerateResult:
+    """Generate ``cfg.batch`` images. Returns saved PNG paths (when ``ws``; named ``<run>-<index>.png``, ``run`` the
+    job id or a fresh ``run_id()``) and the used seed."""
+    for ref in loras:  # before anything is read: a NaN/inf/huge weight renders a black image called success
+        check_weight(ref.weight, f"weight of LoRA {ref.adapter}")
     seed = resolve_seed(cfg.seed)
     res = default_resolution(pipe)
     width, height = cfg.width or res, cfg.height or res
@@ -253,7 +269,7 @@ def generate(pipe, cfg: GenerateConfig, loras: list[LoraRef] = (), ws: Workspace
     images = out.images
     paths = []
     if save and ws is not None:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
+        stem = run or run_id()
         for i, img in enumerate(images):
-            paths.append(save_png(img, ws.outputs / f"{stamp}-{seed}-{i}.png", {**params, "index": i}))
+            paths.append(save_png(img, ws.outputs / f"{stem}-{i}.png", {**params, "index": i}))
     return GenerateResult(paths, seed, images, params)

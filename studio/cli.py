@@ -115,8 +115,10 @@ def cmd_lora(args) -> int:
                 print(f"{k:>13}: {info[k]}")
             for k, v in sorted(info["metadata"].items()):
                 if k != "studio.config":
+                    v = _clip(str(v))
                     print(f"{k:>13}: {v}" if len(k) <= 13 else f"  {k} = {v}")
     elif args.lora_cmd == "convert":
+        _refuse_overwrite(Path(args.dst), args.overwrite, _workspace(args))
         out = lora_io.convert(Path(args.src), Path(args.dst), args.to)
         print(out)
     elif args.lora_cmd == "split":
@@ -144,6 +146,7 @@ def _cmd_orthogonal(args) -> int:
         out = orth.save_fused(pipe, ws.exports / ws.check_name(args.out))
     else:
         out_path = Path(args.out) if args.out.endswith(".safetensors") else ws.lora_path(args.out)
+        _refuse_overwrite(out_path, args.overwrite, ws)
         res = orth.merge_loras(paths, out_path, weights=weights, lam=args.lam, ws=ws)
         out = res.path
     for w in res.warnings:
@@ -155,12 +158,35 @@ def _cmd_orthogonal(args) -> int:
 
 def cmd_model(args) -> int:
     from .checkpoint import checkpoint_target, export_single_file
-    from .models import load_pipeline
+    from .models import convert_bin_folder, load_pipeline
+
+    if args.model_cmd == "convert":
+        print(convert_bin_folder(Path(args.model), Path(args.out)))
+        return 0
 
     out = checkpoint_target(args.out)  # checked before a possibly long load
+    _refuse_overwrite(out, args.overwrite, _workspace(args))
     pipe = load_pipeline(args.model, device="cpu", dtype="fp32", config=args.model_config or None)
     print(export_single_file(pipe, out, dtype=args.dtype))
     return 0
+
+
+def _clip(text: str, limit: int = 300) -> str:
+    """A metadata value cut for the terminal (``--json`` prints it whole)."""
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text):,} characters; --json shows all)"
+
+
+def _refuse_overwrite(path: Path, overwrite: bool, ws) -> None:
+    """An existing output file is only replaced with --overwrite, and then moved to the workspace's trash first."""
+    if not path.exists():
+        return
+    if not overwrite:
+        raise StudioError(f"{path} already exists: choose another output, or pass --overwrite (the old file goes to "
+                          "the workspace's trash/).")
+    if path.parent.resolve() == ws.loras.resolve() and path.suffix == ".safetensors":
+        ws.trash_lora(path.stem)
+    else:
+        ws.to_trash([path], path.stem)
 
 
 def cmd_decor(args) -> int:
@@ -214,12 +240,9 @@ def cmd_compose(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from app import main as app_main
+    from .serve import serve
 
-    argv = ["--model", args.model, "--port", str(args.port), "--workspace", args.workspace or "workspace"]
-    if args.auth:
-        argv += ["--auth", args.auth]
-    return app_main(argv)
+    return serve(args, args.parser)
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
@@ -256,6 +279,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     lc.add_argument("src")
     lc.add_argument("dst")
     lc.add_argument("--to", choices=["kohya", "diffusers"], required=True)
+    lc.add_argument("--overwrite", action="store_true", help="Replace DST if it exists (the old file goes to the trash).")
     ls = lsub.add_parser("split", help="Split a joint B-LoRA (studio, diffusers or kohya names) into content and style LoRAs.")
     ls.add_argument("src", help="Library name or .safetensors path of the joint B-LoRA.")
     ls.add_argument("--content", default=None, help="Write the content half (up_blocks.0.attentions.0) to this file.")
@@ -270,6 +294,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     lm.add_argument("--fuse", action="store_true", help="Add the LoRAs into the base weights; save a diffusers model in exports/OUT.")
     lm.add_argument("--model", default=None, help="Base model for --fuse (default: the LoRAs' base model).")
     lm.add_argument("--device", default=None)
+    lm.add_argument("--overwrite", action="store_true", help="Replace an existing OUT (the old files go to the trash).")
     lx = lsub.add_parser("crosstalk", help="Per-layer overlap and output interference between LoRAs.")
     lx.add_argument("loras", nargs="+", help="Library names or .safetensors paths.")
     lx.add_argument("--summary", action="store_true", help="Only the per-pair summary.")
@@ -285,6 +310,13 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     me.add_argument("--dtype", choices=["fp16", "fp32"], default="fp16", help="Weight precision (default: fp16, as checkpoints are shared).")
     me.add_argument("--model-config", dest="model_config", default="",
                     help="Config of a single-file MODEL of non-standard size (bundled name or diffusers folder).")
+    me.add_argument("--overwrite", action="store_true", help="Replace OUT if it exists (the old file goes to the trash).")
+    mc = msub.add_parser("convert", help="Rewrite a diffusers folder with .bin (pickle) weights as .safetensors. Reading "
+                                         ".bin runs pickle code: only do this for a folder you trust.")
+    mc.add_argument("model", help="The diffusers folder with .bin weights.")
+    mc.add_argument("out", help="The new folder to write (safetensors weights).")
+    mc.add_argument("--i-trust-this-folder", dest="trust", action="store_true", required=True,
+                    help="Required: confirms that the .bin files come from a source you trust.")
     mo.set_defaults(fn=cmd_model)
 
     d = sub.add_parser("decor", help="DECOR tools.")
@@ -315,11 +347,11 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     co.add_argument("--device", default=None)
     co.set_defaults(fn=cmd_compose)
 
+    from .serve import add_serve_args
+
     s = sub.add_parser("serve", help="Launch the studio web UI (same as app.py).")
-    s.add_argument("--model", default=None)
-    s.add_argument("--port", type=int, default=7860)
-    s.add_argument("--auth", default=None, help="user:password")
-    s.set_defaults(fn=cmd_serve)
+    add_serve_args(s, workspace=False)
+    s.set_defaults(fn=cmd_serve, parser=s)
     return p
 
 

@@ -22,6 +22,7 @@ import torch
 
 from .config import SEED_MAX, _f
 from .errors import InputError, LoraFormatError
+from .safety import check_lora_file, check_number, check_weight
 
 ENGINES = ("merge", "composer", "clora")
 Box = tuple[float, float, float, float]
@@ -71,7 +72,7 @@ class GlobalLora:
     def __post_init__(self) -> None:
         if not str(self.lora).strip():
             raise InputError("A global LoRA entry has no LoRA.")
-        self.weight = float(self.weight)
+        self.weight = check_weight(self.weight, f"weight of global LoRA {self.lora}")
 
 
 @dataclass(kw_only=True)
@@ -148,6 +149,7 @@ class CompositionSpec:
             raise InputError(f"seed must be -1 (random) or between 0 and {SEED_MAX}.")
         if not 1 <= int(self.steps) <= 500:
             raise InputError(f"steps must be between 1 and 500 (got {self.steps}).")
+        check_number(self.guidance, "guidance", 0, 50)
         for key in ("width", "height"):
             v = int(getattr(self, key))
             if v and (v < 16 or v > 4096 or v % 8):
@@ -225,7 +227,7 @@ def parse_region(region, label: str = "concept"):
     if len(box) != 4:
         raise InputError(f"Box of {label} needs 4 numbers x0, y0, x1, y1 (got {len(box)}).")
     x0, y0, x1, y1 = box
-    if min(box) < 0 or max(box) > 1:
+    if not all(np.isfinite(box)) or min(box) < 0 or max(box) > 1:
         raise InputError(f"Box of {label} {list(box)} is outside the image: coordinates are fractions between 0 and 1.")
     if x1 <= x0 or y1 <= y0:
         raise InputError(f"Box of {label} {list(box)} is empty: x1 must be > x0 and y1 > y0.")
@@ -311,6 +313,7 @@ def resolve(spec: CompositionSpec, pipe, ws=None) -> ResolvedSpec:
     global_paths = [find(g.lora) for g in spec.global_loras]
     for p in concept_paths + global_paths:
         lora_io.check_compatible(pipe, p)
+        check_lora_file(p)
     if len(set(concept_paths)) != len(concept_paths) and spec.engine != "merge":
         raise InputError("The same LoRA file is used by two concepts; each concept needs its own LoRA.")
     masks = torch.zeros(len(spec.concepts), height, width)
@@ -323,6 +326,8 @@ def resolve(spec: CompositionSpec, pipe, ws=None) -> ResolvedSpec:
             masks[i] = ((ys >= y0) & (ys < y1)).float()[:, None] * ((xs >= x0) & (xs < x1)).float()[None, :]
             has.append(True)
         elif c.mask_path is not None:
+            if ws is not None:
+                ws.check_path(c.mask_path, f"mask image of concept {i + 1}")  # confined: never probe outside
             masks[i] = load_mask(c.mask_path, width, height, f"concept {i + 1}")
             has.append(True)
         else:

@@ -16,9 +16,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import InputError
+from .safety import check_number
 
 DEFAULT_MODEL = "tiny-sdxl"
 SEED_MAX = 2**32 - 1
+MAX_RESOLUTION = 2048  # the largest any supported architecture trains at (SDXL: 2x its 1024 default); see trainers/loop
 
 
 def _f(default: Any, help: str, **meta: Any) -> Any:
@@ -79,7 +81,10 @@ class TrainConfig:
     sample_prompt: str = _f("", "Prompt of the samples; empty uses the instance prompt.", advanced=True)
     sample_steps: int = _f(20, "Denoising steps of the sample and preview images.", advanced=True)
     recommended_weight: float = _f(1.0, "Weight recommended to users of this LoRA (stored in the file).", advanced=True)
+    checkpoint_minutes: float = _f(0.0, "Also save a resumable checkpoint every N minutes (0: off).", advanced=True)
     resume: bool = _f(False, "Continue from the last checkpoint of this LoRA name.", ui=False)
+    overwrite: bool = _f(False, "Replace existing library entries of this name (the old files go to the workspace's trash/).",
+                         ui=False)
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -90,16 +95,25 @@ class TrainConfig:
             raise InputError("batch_size and grad_accum must be at least 1.")
         if not (self.lr > 0):
             raise InputError(f"the learning rate must be positive (got {self.lr}).")
-        if self.resolution < 0 or (self.resolution and (self.resolution < 16 or self.resolution % 8)):
-            raise InputError(f"resolution must be 0 (model default) or a multiple of 8 of at least 16 (got {self.resolution}).")
+        for key, lo, hi in (("lr", 0, None), ("text_encoder_lr", 0, None), ("prior_loss_weight", 0, 100), ("alpha", 0, 1e4),
+                            ("lora_dropout", 0, 0.99), ("weight_decay", 0, 10), ("max_grad_norm", 0, 1e6), ("snr_gamma", 0, 1e4),
+                            ("noise_offset", -1, 1), ("recommended_weight", -10, 10), ("checkpoint_minutes", 0, 1e4)):
+            check_number(getattr(self, key), key, lo, hi)
+        if self.resolution < 0 or (self.resolution and (self.resolution < 16 or self.resolution % 8 or self.resolution > MAX_RESOLUTION)):
+            raise InputError(f"resolution must be 0 (model default) or a multiple of 8 from 16 to {MAX_RESOLUTION} "
+                             f"(got {self.resolution}).")
         if self.alpha < 0:
             raise InputError("alpha must be 0 (= rank) or positive.")
         if self.num_class_images < 1 and self.prior_preservation:
             raise InputError("num_class_images must be at least 1 with prior preservation.")
         if not 0 <= self.seed <= SEED_MAX:
             raise InputError(f"seed must be between 0 and {SEED_MAX}.")
-        if not self.trigger.strip():
+        if not (self.trigger or "").strip():
             raise InputError("the trigger token must not be empty.")
+        try:
+            self.prompt()
+        except (KeyError, IndexError, ValueError) as exc:
+            raise InputError(f"instance_prompt may only use {{trigger}} and {{class_word}} (got {self.instance_prompt!r}: {exc!r}).") from None
         for key in ("checkpoint_every", "sample_every", "warmup_steps"):
             if getattr(self, key) < 0:
                 raise InputError(f"{key} must not be negative.")
@@ -159,8 +173,8 @@ class GenerateConfig:
             v = getattr(self, key)
             if v and (v < 16 or v > 4096 or v % 8):
                 raise InputError(f"{key} must be a multiple of 8 between 16 and 4096 (got {v}).")
-        if self.guidance < 0 or self.guidance > 50:
-            raise InputError("guidance must be between 0 and 50.")
+        check_number(self.guidance, "guidance", 0, 50)
+        check_number(self.decor_strength, "decor_strength", 0, 1)
 
 
 def _check_choices(cfg: Any) -> None:
@@ -213,9 +227,40 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def check_types(cls: type, data: dict) -> dict:
+    """Each value of ``data`` fits its field's type; the message names the field, the type and the value given."""
+    out = dict(data)
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        tp, v = field_type(cls, f), data[f.name]
+        if tp is str and v is None:
+            out[f.name] = ""  # an empty text field arrives as None
+        elif tp is bool and not isinstance(v, bool):
+            raise InputError(f"{f.name} must be true or false (got {v!r}).")
+        elif tp is int and (isinstance(v, bool) or not isinstance(v, int)):
+            if isinstance(v, float) and v.is_integer():
+                out[f.name] = int(v)
+            else:
+                raise InputError(f"{f.name} must be a whole number (got {v!r}).")
+        elif tp is float and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise InputError(f"{f.name} must be a number (got {v!r}).")
+        elif tp in (str, list) and not isinstance(v, tp):
+            raise InputError(f"{f.name} must be {'text' if tp is str else 'a list'} (got {type(v).__name__} {v!r:.60}).")
+        choices = f.metadata.get("choices")
+        if choices and out[f.name] not in choices:
+            raise InputError(f"{f.name} must be one of {', '.join(map(str, choices))} (got {out[f.name]!r}).")
+    return out
+
+
 def from_dict(cls: type, data: dict) -> Any:
+    """Build a config from JSON-like data: unknown keys and mistyped values are refused with the valid choices."""
+    if not isinstance(data, dict):
+        raise InputError(f"settings for {cls.__name__} must be an object of field: value (got {type(data).__name__}).")
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - names
     if unknown:
-        raise InputError(f"unknown setting(s) for {cls.__name__}: {', '.join(sorted(unknown))}")
-    return cls(**data)
+        valid = sorted(f.name for f in dataclasses.fields(cls) if f.metadata.get("ui", True))
+        raise InputError(f"unknown setting(s) for {cls.__name__}: {', '.join(sorted(map(str, unknown)))} "
+                         f"(valid: {', '.join(valid)})")
+    return cls(**check_types(cls, data))

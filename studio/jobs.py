@@ -5,6 +5,11 @@ generation and composition jobs from a FIFO queue. Every job's state lives in a 
 ``workspace/jobs/<id>/job.json`` (written atomically), so the UI can re-attach after a page reload and a restart
 shows history. Stop, save-now and sample-now are cooperative flags checked every step. Every job ends as
 ``succeeded``, ``failed`` (with the reason and the log tail) or ``cancelled``.
+
+Faults: any exception while a job runs, including a failure to write its record (disk full, read-only), ends that job
+as ``failed`` in memory and the worker goes on; a supervisor thread restarts a worker thread that died anyway, and
+``Worker.health()`` is the line the Jobs tab shows. After a restart, jobs that never started are queued again and
+an interrupted training says whether a checkpoint exists to resume from.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import Callable
 from .errors import CancelledError, InputError, StudioError
 from .library import Workspace
 from .lora_io import atomic_write_json
+from .safety import DISK_ERRNOS, disk_errors, disk_message
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 LOG_TAIL = 200
@@ -65,31 +71,54 @@ class JobStore:
     def _load(self) -> None:
         for p in sorted(self.ws.jobs.glob("*/job.json")):
             try:
-                job = Job(**json.loads(p.read_text()))
-            except (json.JSONDecodeError, TypeError):
-                continue
-            if job.status not in TERMINAL:  # the process died while it ran: say so instead of showing it stuck
-                job.status, job.error = "failed", "The studio stopped while this job was running. Start it again (training can resume)."
-                job.finished = time.time()
-                self._jobs[job.id] = job
-                self._persist(job, force=True)
+                job = Job(**json.loads(p.read_text(encoding="utf-8")))
+            except (json.JSONDecodeError, UnicodeDecodeError, TypeError, OSError):
+                continue  # one unreadable record must not stop the store from loading
             self._jobs[job.id] = job
+            if job.status == "running":  # the process died while it ran: say so instead of showing it stuck
+                job.status, job.phase, job.finished = "failed", "failed", time.time()
+                job.error = "The studio stopped while this job was running. " + self._resume_hint(job)
+                try:
+                    self._persist(job, force=True)
+                except OSError:
+                    pass
+
+    def _resume_hint(self, job: Job) -> str:
+        name = job.config.get("name", "")
+        if job.kind != "train":
+            return "Start it again."
+        ckpt = self.ws.checkpoints / name
+        if name and any((ckpt / d / "state.json").is_file() for d in ("latest", ".old")):
+            return "Press Resume to continue from its last checkpoint."
+        return "It left no checkpoint: start it again."
+
+    def queued(self) -> list[str]:
+        """Ids of jobs still waiting, oldest first (re-queued by the worker after a restart)."""
+        with self._lock:
+            return [j.id for j in sorted(self._jobs.values(), key=lambda j: j.created) if j.status == "queued"]
 
     def _persist(self, job: Job, force: bool = False) -> None:
+        """Write the record (at most once a second unless forced). A failed progress write is skipped (the next
+        one retries); a failed forced write (status changes) raises."""
         now = time.time()
         if not force and now - self._last_write.get(job.id, 0) < 1.0:
             return
         self._last_write[job.id] = now
-        atomic_write_json(self._path(job.id), asdict(job))
+        try:
+            atomic_write_json(self._path(job.id), asdict(job))
+        except OSError:
+            if force:
+                raise
 
     def create(self, kind: str, config: dict) -> Job:
         from trainers.loop import Controls
 
         job = Job(id=time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6], kind=kind, config=config)
         with self._lock:
+            with disk_errors("the job record"):
+                self._persist(job, force=True)  # first: a job that cannot be recorded is refused, never left queued
             self._jobs[job.id] = job
             self._controls[job.id] = Controls()
-            self._persist(job, force=True)
         return job
 
     def controls(self, job_id: str):
@@ -116,6 +145,21 @@ class JobStore:
             for k, v in changes.items():
                 setattr(job, k, v)
             self._persist(job, force=force or "status" in changes)
+
+    def end(self, job_id: str, status: str, error: str = "", **changes) -> None:
+        """Finish a job; when its record cannot be written the job still ends (in memory) with that reason added."""
+        changes.update(status=status, phase=status, finished=time.time(), **({"error": error} if error else {}))
+        try:
+            self.update(job_id, **changes)
+        except Exception as exc:  # noqa: BLE001 - the record on disk is best effort, the job must end
+            with self._lock:
+                job = self._jobs[job_id]
+                for k, v in changes.items():
+                    setattr(job, k, v)
+                note = disk_message(exc, "the job record") if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
+                job.error = (job.error + " " if job.error else "") + f"(Its record was not saved: {note})"
+                if job.status == "succeeded":
+                    job.status = job.phase = "failed"
 
     def log(self, job_id: str, line: str) -> None:
         with self._lock:
@@ -155,7 +199,8 @@ class JobStore:
             return f"Job already {job['status']}."
         getattr(self.controls(job_id), flag).set()
         if flag == "stop" and job["status"] == "queued":
-            self.update(job_id, status="cancelled", phase="cancelled", finished=time.time(), error="Cancelled before it started.")
+            self.end(job_id, "cancelled", "Cancelled before it started.")
+            self.ws.reservations.release(job_id)
             return "Cancelled."
         return {"stop": "Stopping after the current step…", "save_now": "Saving at the next step…",
                 "sample_now": "Rendering a sample at the next step…"}[flag]
@@ -174,13 +219,66 @@ class Worker:
         self.queue: queue.Queue[str | None] = queue.Queue()
         self._pipe = None
         self._pipe_ref = None
-        self.thread = threading.Thread(target=self._run, name="studio-gpu-worker", daemon=True)
-        self.thread.start()
+        self.current: str | None = None
+        self.restarts = 0
+        self.last_error = ""
+        self._closed = threading.Event()
+        for job_id in store.queued():  # jobs that never started before a restart run now, in their order
+            self._hold_names(store.get(job_id))
+            self.queue.put(job_id)
+        self.thread = self._start_thread()
+        self.supervisor = threading.Thread(target=self._supervise, name="studio-worker-supervisor", daemon=True)
+        self.supervisor.start()
 
-    def submit(self, kind: str, config: dict) -> str:
+    def _hold_names(self, job: dict) -> None:
+        """Re-queued trainings hold their library names again, as at submission."""
+        if job["kind"] == "train" and job["config"].get("name"):
+            from types import SimpleNamespace
+
+            from trainers.loop import library_names
+
+            cfg = SimpleNamespace(method=job["config"].get("method", "dreambooth"), name=job["config"]["name"])
+            with self.ws.reservations.locked() as res:
+                res.hold(library_names(cfg), job["id"])
+
+    def _start_thread(self) -> threading.Thread:
+        t = threading.Thread(target=self._run, name="studio-gpu-worker", daemon=True)
+        t.start()
+        return t
+
+    def _supervise(self, every: float = 1.0) -> None:
+        """Restart the worker thread if it ever dies (it should not: ``_run`` catches everything)."""
+        while not self._closed.wait(every):
+            if not self.thread.is_alive():
+                if self.current:
+                    self.store.end(self.current, "failed", "The worker stopped unexpectedly while running this job.")
+                    self.ws.reservations.release(self.current)
+                    self.current = None
+                self.restarts += 1
+                self.thread = self._start_thread()
+
+    def health(self) -> str:
+        """One line for the Jobs tab: is the worker alive, what does it run, how many wait."""
+        alive = self.thread.is_alive()
+        state = f"running {self.current}" if self.current else "idle"
+        line = f"Worker: {'alive' if alive else 'DOWN (restarting)'}, {state}, {self.queue.qsize()} queued"
+        if self.restarts:
+            line += f", restarted {self.restarts}x"
+        if self.last_error:
+            line += f". Last fault: {self.last_error}"
+        return line + "."
+
+    def submit(self, kind: str, config: dict, reserve: list[str] | None = None) -> str:
+        """Queue a job. ``reserve``: library names the job will write, refused if another queued job holds one."""
         if kind not in self.handlers:
             raise InputError(f"Unknown job kind {kind!r}.")
-        job = self.store.create(kind, config)
+        with self.ws.reservations.locked() as res:
+            taken = res.taken(reserve or [])
+            if taken:
+                raise InputError(f"{', '.join(repr(t) for t in taken)} will already be written by a queued or running job: "
+                                 "pick another name or wait for it to finish.")
+            job = self.store.create(kind, config)
+            res.hold(reserve or [], job.id)
         self.queue.put(job.id)
         return job.id
 
@@ -207,6 +305,7 @@ class Worker:
             pass
 
     def close(self) -> None:
+        self._closed.set()
         self.queue.put(None)
 
     def _run(self) -> None:
@@ -214,25 +313,47 @@ class Worker:
             job_id = self.queue.get()
             if job_id is None:
                 return
-            job = self.store.get(job_id)
-            if job["status"] != "queued":
-                continue
-            self.store.update(job_id, status="running", phase="starting", started=time.time())
             try:
-                result = self.handlers[job["kind"]](self, job_id, job["config"])
-                status = result.pop("status", "succeeded")
-                self.store.update(job_id, status=status, phase=status, result=result, finished=time.time(),
-                                  outputs=result.get("outputs", self.store.get(job_id)["outputs"]))
-            except CancelledError as exc:
-                self.store.update(job_id, status="cancelled", phase="cancelled", error=str(exc), finished=time.time())
-            except StudioError as exc:
-                self.store.log(job_id, f"error: {exc}")
-                self.store.update(job_id, status="failed", phase="failed", error=str(exc), finished=time.time())
-            except Exception as exc:  # noqa: BLE001 - the worker must survive any job
-                self.store.log(job_id, traceback.format_exc(limit=6))
-                self.store.update(job_id, status="failed", phase="failed", error=f"Unexpected error: {type(exc).__name__}: {exc}",
-                                  finished=time.time())
-                self.release()
+                self._run_one(job_id)
+            except Exception as exc:  # noqa: BLE001 - nothing a job does may end the worker
+                self.last_error = f"{type(exc).__name__}: {exc}"[:200]
+            self.current = None  # not reached when the thread dies: the supervisor then ends the job
+            self.ws.reservations.release(job_id)
+
+    def _run_one(self, job_id: str) -> None:
+        try:
+            job = self.store.get(job_id)
+        except InputError:
+            return
+        if job["status"] != "queued":
+            return
+        self.current = job_id
+        try:
+            self.store.update(job_id, status="running", phase="starting", started=time.time())
+            result = self.handlers[job["kind"]](self, job_id, job["config"])
+            status = result.pop("status", "succeeded")
+            self.store.end(job_id, status, result=result, outputs=result.get("outputs", self.store.get(job_id)["outputs"]))
+        except CancelledError as exc:
+            self.store.end(job_id, "cancelled", str(exc))
+        except StudioError as exc:
+            self._log(job_id, f"error: {exc}")
+            self.store.end(job_id, "failed", str(exc))
+        except OSError as exc:
+            self._log(job_id, traceback.format_exc(limit=6))
+            msg = disk_message(exc, "the job's files") if exc.errno in DISK_ERRNOS else f"Unexpected error: {type(exc).__name__}: {exc}"
+            self.last_error = msg[:200]
+            self.store.end(job_id, "failed", msg)
+        except Exception as exc:  # noqa: BLE001 - the worker must survive any job
+            self._log(job_id, traceback.format_exc(limit=6))
+            self.last_error = f"{type(exc).__name__}: {exc}"[:200]
+            self.store.end(job_id, "failed", f"Unexpected error: {type(exc).__name__}: {exc}")
+            self.release()
+
+    def _log(self, job_id: str, line: str) -> None:
+        try:
+            self.store.log(job_id, line)
+        except Exception:  # noqa: BLE001 - logging is best effort
+            pass
 
 
 # ----------------------------------------------------------------------------------------------------- handlers
@@ -272,9 +393,9 @@ def _generate(worker: Worker, job_id: str, config: dict) -> dict:
 
         res = style_transfer(pipe, cfg, ref(blora["content"]) if blora.get("content") else None,
                              ref(blora["style"]) if blora.get("style") else None, worker.ws,
-                             block_prompts=bool(blora.get("block_prompts")), extra_loras=loras, **hooks)
+                             block_prompts=bool(blora.get("block_prompts")), extra_loras=loras, run=job_id, **hooks)
     else:
-        res = generate(pipe, cfg, loras, worker.ws, **hooks)
+        res = generate(pipe, cfg, loras, worker.ws, run=job_id, **hooks)
     return {"outputs": [str(p) for p in res.paths], "seed": res.seed}
 
 
@@ -288,7 +409,7 @@ def _compose(worker: Worker, job_id: str, config: dict) -> dict:
     pipe = worker.pipeline()
     store = worker.store
     store.update(job_id, phase=f"composing ({spec.engine})", total=spec.steps)
-    res = compose(pipe, spec, worker.ws, stop=store.controls(job_id).stop,
+    res = compose(pipe, spec, worker.ws, stop=store.controls(job_id).stop, run=job_id,
                   progress=lambda s, t: store.update(job_id, step=s, total=t))
     out = {"outputs": [str(p) for p in res.paths], "seed": res.seed, "stats": res.stats}
     if res.masks:

@@ -11,19 +11,28 @@ import os
 import re
 import shutil
 import time
+import uuid
 from pathlib import Path
 
 from . import lora_io
 from .errors import InputError, LoraFormatError
+from .safety import Reservations, check_lora_file, disk_errors
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")  # \Z: "$" would accept a trailing newline
 
 
 class Workspace:
-    def __init__(self, root: str | os.PathLike | None = None):
+    """``confined``: paths given as references (LoRAs, datasets, masks) must lie inside the workspace or one of the
+    ``allowed`` folders (the server sets this; the CLI, run by the machine's own user, reads any path)."""
+
+    def __init__(self, root: str | os.PathLike | None = None, *, confined: bool = False, allowed=()):
         self.root = Path(root or os.environ.get("STUDIO_WORKSPACE", "workspace")).expanduser().resolve()
-        for sub in ("datasets", "loras", "exports", "outputs", "jobs", "checkpoints", "cache"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self.confined = confined
+        self.allowed = [Path(a).expanduser().resolve() for a in allowed]
+        self.reservations = Reservations()
+        with disk_errors(f"the workspace {self.root}"):
+            for sub in ("datasets", "loras", "exports", "outputs", "jobs", "checkpoints", "cache"):
+                (self.root / sub).mkdir(parents=True, exist_ok=True)
 
     datasets = property(lambda self: self.root / "datasets")
     loras = property(lambda self: self.root / "loras")
@@ -48,6 +57,36 @@ class Workspace:
             raise InputError("That path is outside the workspace.")
         return p
 
+    def check_path(self, p: str | os.PathLike, what: str = "file") -> Path:
+        """``p`` resolved; when confined it must lie in the workspace or an allowed folder (never probed otherwise)."""
+        p = Path(p).expanduser()
+        if not self.confined:
+            return p
+        r = p.resolve()
+        if any(r == f or f in r.parents for f in [self.root, *self.allowed]):
+            return r
+        raise InputError(f"The {what} {str(p)!r} is outside the workspace: upload it or use a library name "
+                         "(the operator can allow more folders with --allow-folder).")
+
+    def to_trash(self, paths: list[Path], label: str) -> Path | None:
+        """Move existing ``paths`` into a fresh ``trash/<label>-<time>-<id>/`` folder; returns it (None: nothing moved)."""
+        paths = [p for p in paths if p.exists()]
+        if not paths:
+            return None
+        trash = self.root / "trash" / f"{label}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        with disk_errors("the trash folder"):
+            trash.mkdir(parents=True)
+            for src in paths:
+                shutil.move(src, trash / src.name)  # a rename on the same disk
+        return trash
+
+    def lora_files(self, name: str) -> list[Path]:
+        return [self.loras / f"{self.check_name(name)}{suffix}" for suffix in (".safetensors", ".json", ".preview.png")]
+
+    def trash_lora(self, name: str) -> Path | None:
+        """Move a library entry (file, sidecar, preview) to the trash before it is replaced."""
+        return self.to_trash(self.lora_files(name), name)
+
     # ------------------------------------------------------------------------------------------------ datasets
     def resolve_dataset(self, ref: str | os.PathLike) -> Path:
         """A dataset name in the workspace, or a folder path given on the command line."""
@@ -56,17 +95,18 @@ class Workspace:
             raise InputError("No images given: choose a folder (or upload images in the studio).")
         if NAME_RE.match(ref) and (self.datasets / ref).is_dir():
             return self.datasets / ref
-        p = Path(ref).expanduser()
+        p = self.check_path(ref, "image folder")
         if p.is_dir():
             return p
         raise InputError(f"Image folder not found: {ref}")
 
     def new_dataset(self, name: str) -> Path:
+        """An empty ``datasets/<name>``; an earlier dataset of that name goes to the trash (never deleted)."""
         self.check_name(name)
         path = self.datasets / name
-        if path.exists():
-            shutil.rmtree(path)
-        path.mkdir(parents=True)
+        self.to_trash([path], f"dataset-{name}")
+        with disk_errors("the dataset"):
+            path.mkdir(parents=True)
         return path
 
     # ------------------------------------------------------------------------------------------------ loras
@@ -121,10 +161,14 @@ class Workspace:
         return out
 
     def resolve_lora(self, ref: str) -> Path:
-        """A library name or a path to a .safetensors file."""
+        """A library name or a path to a .safetensors file (inside the workspace or an allowed folder when confined)."""
+        if not isinstance(ref, str) or not ref.strip():
+            raise LoraFormatError(f"A LoRA must be given by its library name (got {ref!r}).")
         if NAME_RE.match(ref) and self.lora_path(ref).is_file():
             return self.lora_path(ref)
-        p = Path(ref).expanduser()
+        if NAME_RE.match(ref) and self.confined:
+            raise LoraFormatError(f"No LoRA named {ref!r} in the library.")
+        p = self.check_path(ref, "LoRA file")
         if p.is_file():
             return p
         if NAME_RE.match(ref):
@@ -147,26 +191,29 @@ class Workspace:
         self.check_name(name)
         if not self.lora_path(name).is_file():
             raise InputError(f"No LoRA named {name!r}.")
-        trash = self.root / "trash" / f"{name}-{int(time.time())}"
-        trash.mkdir(parents=True, exist_ok=True)
-        for suffix in (".safetensors", ".json", ".preview.png"):
-            src = self.loras / f"{name}{suffix}"
-            if src.exists():
-                os.replace(src, trash / src.name)
+        self.trash_lora(name)
 
-    def import_lora(self, src: Path, name: str | None = None, arch: str | None = None) -> str:
-        """Validate a LoRA file (format, architecture, LoRA keys) and copy it into the library."""
+    def import_lora(self, src: Path, name: str | None = None, arch: str | None = None, overwrite: bool = False) -> str:
+        """Validate a LoRA file (format, architecture, LoRA keys, finite values) and copy it into the library.
+        ``overwrite``: an existing entry of that name goes to the trash first."""
         src = Path(src)
         info = lora_io.inspect(src)
         if arch and info["architecture"] and info["architecture"] != arch:
             raise LoraFormatError(f"{src.name} is a {info['architecture']} LoRA; the loaded base model is {arch}.")
+        check_lora_file(src)
         name = self.check_name(name or _safe_name(src.stem))
         dst = self.lora_path(name)
-        if dst.exists():
-            raise InputError(f"A LoRA named {name!r} already exists: pick another name.")
+        if dst.exists() and not overwrite:
+            raise InputError(f"A LoRA named {name!r} already exists: pick another name (or overwrite it).")
         tmp = self.loras / f".{name}.import.tmp"
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
+        try:
+            with disk_errors(f"the LoRA {name!r}"):
+                shutil.copyfile(src, tmp)
+                if dst.exists():
+                    self.trash_lora(name)
+                os.replace(tmp, dst)
+        finally:
+            tmp.unlink(missing_ok=True)
         self.write_sidecar(name, {"imported_from": src.name, "format": info["format"], "architecture": info["architecture"]})
         return name
 

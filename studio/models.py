@@ -95,14 +95,14 @@ def build_from_configs(folder: Path, seed: int = 0, weights: bool = False):
 
     def text_encoder(sub: str, cls):
         if weights:  # stored in fp16 to keep the repository small; computed in fp32 (or the caller's dtype)
-            return cls.from_pretrained(folder / sub, local_files_only=True, dtype=torch.float32)
+            return cls.from_pretrained(folder / sub, local_files_only=True, dtype=torch.float32, use_safetensors=True)
         cfg = CLIPTextConfig.from_dict(_read_json(folder / sub / "config.json"))
         torch.manual_seed(seed)
         return cls(cfg)
 
     if weights:
-        unet = UNet2DConditionModel.from_pretrained(folder / "unet", local_files_only=True, dtype=torch.float32)
-        vae = AutoencoderKL.from_pretrained(folder / "vae", local_files_only=True, dtype=torch.float32)
+        unet = UNet2DConditionModel.from_pretrained(folder / "unet", local_files_only=True, dtype=torch.float32, use_safetensors=True)
+        vae = AutoencoderKL.from_pretrained(folder / "vae", local_files_only=True, dtype=torch.float32, use_safetensors=True)
     else:
         torch.manual_seed(seed)
         unet = UNet2DConditionModel.from_config(_read_json(folder / "unet" / "config.json"))
@@ -252,6 +252,7 @@ def load_pipeline(ref: str, device: str | None = None, dtype: str | torch.dtype 
     elif path.is_dir():
         if not (path / "model_index.json").is_file():
             raise ModelError(f"{path} is not a diffusers model folder (no model_index.json).")
+        check_safetensors_folder(path)
         if (path / "unet").is_dir() and not (path / "tokenizer").is_dir():
             pipe = build_from_configs(path, weights=True)  # toy-xl layout: weights only, the bundled CLIP tokenizer
         else:
@@ -273,6 +274,34 @@ def load_pipeline(ref: str, device: str | None = None, dtype: str | torch.dtype 
     pipe.set_progress_bar_config(disable=True)
     pipe.studio_ref = ref
     return pipe
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def check_safetensors_folder(path: Path) -> None:
+    """A local diffusers folder must hold safetensors weights: pickled ``.bin`` weights can run code when loaded."""
+    pickles = [p for p in path.rglob("*") if p.suffix.lower() in PICKLE_SUFFIXES and p.is_file()]
+    if pickles and not any(path.rglob("*.safetensors")):
+        raise ModelError(f"{path} holds only pickle weights ({', '.join(sorted({p.name for p in pickles})[:3])}), which "
+                         "the studio does not load because they can run code. If you trust the folder, convert it once with "
+                         f"`studio model convert {path} {path}-safetensors --i-trust-this-folder` and load the new folder.")
+
+
+def convert_bin_folder(src: Path, dst: Path) -> Path:
+    """Rewrite a trusted diffusers folder with pickled ``.bin`` weights as a safetensors folder (``studio model convert``)."""
+    from diffusers import DiffusionPipeline
+
+    if not (src / "model_index.json").is_file():
+        raise ModelError(f"{src} is not a diffusers model folder (no model_index.json).")
+    if dst.exists():
+        raise ModelError(f"{dst} already exists: choose a new folder.")
+    try:
+        pipe = DiffusionPipeline.from_pretrained(str(src), local_files_only=True, use_safetensors=False)
+    except Exception as exc:  # noqa: BLE001
+        raise ModelError(f"Could not read {src}: {exc}") from exc
+    pipe.save_pretrained(str(dst), safe_serialization=True)
+    return dst
 
 
 def _from_pretrained(ref: str, dtype: torch.dtype, local: bool):

@@ -52,7 +52,7 @@ SMALL = json.dumps({"steps": 4, "rank": 2, "sample_steps": 2, "lr": 1e-3})
 
 def test_train_then_library_then_generate(studio):
     services, client, _, _ = studio
-    job_id = client.predict(_images(), "subject-a", "dreambooth", SMALL, api_name="/train")
+    job_id = client.predict(_images(), "subject-a", "dreambooth", SMALL, api_name="/train")["job_id"]
     job = _wait(client, job_id)
     assert job["status"] == "succeeded", job
     assert job["step"] == 4 and len(job["losses"]) == 4 and job["outputs"]
@@ -73,7 +73,8 @@ def test_two_clients_queue_in_order_and_cancel(studio):
 
     services, client, url, _ = studio
     other = Client(url, verbose=False)
-    long_job = client.predict(_images(2), "long-run", "dreambooth", json.dumps({"steps": 400, "rank": 2}), api_name="/train")
+    long_job = client.predict(_images(2), "long-run", "dreambooth", json.dumps({"steps": 400, "rank": 2}),
+                              api_name="/train")["job_id"]
     a = client.predict("a red ball", "[]", 1, 2, wait=False, api_name="/generate")
     b = other.predict("a blue cube", "[]", 2, 2, wait=False, api_name="/generate")
     # stop the long job once it is running; the generation jobs then run in order

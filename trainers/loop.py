@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from studio.config import TrainConfig, to_dict
 from studio.errors import CancelledError, InputError, StudioError, TrainingError
 from studio.library import Workspace
+from studio.safety import check_finite_tensors, check_free_space, check_writable, disk_errors
 from studio.models import ARCH_SDXL, architecture, default_resolution, load_pipeline
 
 from . import data as D
@@ -236,30 +237,71 @@ def _lora_params(pipe) -> dict[str, torch.nn.Parameter]:
     return out
 
 
+def _flatten_state(prefix: str, obj, tensors: dict, path: tuple = ()):
+    """A JSON-able copy of ``obj`` with every tensor moved into ``tensors`` (referenced as {"__tensor__": key})."""
+    if isinstance(obj, torch.Tensor):
+        key = prefix + "/" + "/".join(map(str, path))
+        tensors[key] = obj.detach().cpu().contiguous()
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        return {"__dict__": [[_flatten_state(prefix, k, tensors, path + ("k", i)),
+                              _flatten_state(prefix, v, tensors, path + (i,))] for i, (k, v) in enumerate(obj.items())]}
+    if isinstance(obj, (list, tuple)):
+        return {"__list__" if isinstance(obj, list) else "__tuple__": [_flatten_state(prefix, v, tensors, path + (i,))
+                                                                       for i, v in enumerate(obj)]}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TrainingError(f"Cannot store a {type(obj).__name__} in a checkpoint.")
+
+
+def _unflatten_state(obj, tensors: dict):
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__dict__" in obj:
+            return {_unflatten_state(k, tensors): _unflatten_state(v, tensors) for k, v in obj["__dict__"]}
+        if "__list__" in obj:
+            return [_unflatten_state(v, tensors) for v in obj["__list__"]]
+        if "__tuple__" in obj:
+            return tuple(_unflatten_state(v, tensors) for v in obj["__tuple__"])
+    return obj
+
+
 def save_checkpoint(pipe, cfg, ws, step, optimizer, scheduler, gen, batcher, losses) -> Path:
+    """LoRA weights (``lora.safetensors``) and the resume state without pickle: tensors (optimizer moments, RNG
+    states) in ``state.safetensors``, everything else in ``state.json``. A failed write leaves the previous
+    checkpoint in place and no temp folder behind."""
     from safetensors.torch import save_file
 
     folder = _checkpoint_dir(ws, cfg)
-    folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / ".tmp"
-    tmp.mkdir(exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in _lora_params(pipe).items()}, tmp / "lora.safetensors")
-    torch.save(
-        {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "gen": gen.get_state(),
-         "order": batcher.state(), "losses": losses, "torch_rng": torch.get_rng_state()},
-        tmp / "state.pt",
-    )
-    (tmp / "config.json").write_text(json.dumps(to_dict(cfg), indent=2, sort_keys=True))
-    # swap in atomically: the previous good checkpoint stays until the new one is complete
-    old = folder / ".old"
-    cur = folder / "latest"
-    if old.exists():
-        _rmtree(old)
-    if cur.exists():
-        cur.rename(old)
-    tmp.rename(cur)
-    if old.exists():
-        _rmtree(old)
+    try:
+        with disk_errors(f"the checkpoint of {cfg.name!r} at step {step}"):
+            folder.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                _rmtree(tmp)
+            tmp.mkdir()
+            save_file({k: v.detach().cpu().contiguous() for k, v in _lora_params(pipe).items()}, tmp / "lora.safetensors")
+            tensors: dict[str, torch.Tensor] = {}
+            state = _flatten_state("state", {"step": step, "order": batcher.state(), "losses": losses,
+                                             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                             "gen": gen.get_state(), "torch_rng": torch.get_rng_state()}, tensors)
+            save_file(tensors, tmp / "state.safetensors")
+            (tmp / "state.json").write_text(json.dumps(state))
+            (tmp / "config.json").write_text(json.dumps(to_dict(cfg), indent=2, sort_keys=True))
+            # swap in atomically: the previous good checkpoint stays until the new one is complete
+            old = folder / ".old"
+            cur = folder / "latest"
+            if old.exists():
+                _rmtree(old)
+            if cur.exists():
+                cur.rename(old)
+            tmp.rename(cur)
+            if old.exists():
+                _rmtree(old)
+    except BaseException:
+        _rmtree(tmp)
+        raise
     return cur
 
 
@@ -272,18 +314,19 @@ def _rmtree(p: Path) -> None:
 def load_checkpoint(pipe, cfg, ws, optimizer, scheduler, gen, batcher) -> tuple[int, list[float]]:
     from safetensors.torch import load_file
 
-    cur = _checkpoint_dir(ws, cfg) / "latest"
-    if not (cur / "state.pt").is_file():
-        old = _checkpoint_dir(ws, cfg) / ".old"
-        if (old / "state.pt").is_file():
-            cur = old
-        else:
-            raise InputError(f"No checkpoint to resume for {cfg.name!r}: start a new run instead.")
+    folder = _checkpoint_dir(ws, cfg)
+    cur = next((folder / d for d in ("latest", ".old") if (folder / d / "state.json").is_file()), None)
+    if cur is None:
+        if any((folder / d / "state.pt").is_file() for d in ("latest", ".old")):
+            raise InputError(f"The checkpoint of {cfg.name!r} was written by an older studio as a pickle (state.pt), "
+                             "which is no longer loaded. Start a new run (or train with --overwrite).")
+        raise InputError(f"No checkpoint to resume for {cfg.name!r}: start a new run instead.")
     saved_cfg = json.loads((cur / "config.json").read_text())
     for key in ("model", "rank", "method", "target_modules", "train_text_encoder"):
         if saved_cfg.get(key) != getattr(cfg, key):
             raise InputError(f"Cannot resume: the checkpoint was made with {key}={saved_cfg.get(key)!r}, not {getattr(cfg, key)!r}.")
     weights = load_file(str(cur / "lora.safetensors"))
+    check_finite_tensors(weights, f"the checkpoint of {cfg.name!r}")
     params = _lora_params(pipe)
     missing = set(params) ^ set(weights)
     if missing:
@@ -291,13 +334,39 @@ def load_checkpoint(pipe, cfg, ws, optimizer, scheduler, gen, batcher) -> tuple[
     with torch.no_grad():
         for k, p in params.items():
             p.copy_(weights[k].to(p.device, p.dtype))
-    state = torch.load(cur / "state.pt", map_location="cpu", weights_only=True)
+    tensors = load_file(str(cur / "state.safetensors"))
+    state = _unflatten_state(json.loads((cur / "state.json").read_text()), tensors)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     gen.set_state(state["gen"])
     torch.set_rng_state(state["torch_rng"])
     batcher.load_state(state["order"])
     return int(state["step"]), list(state["losses"])
+
+
+def library_names(cfg: TrainConfig) -> list[str]:
+    """Every library entry a run of ``cfg`` writes (B-LoRA: the joint file and its content/style halves)."""
+    if cfg.method == "blora":
+        from .blora import ROLE_SUFFIX
+
+        return [cfg.name] + [cfg.name + s for s in ROLE_SUFFIX.values()]
+    return [cfg.name]
+
+
+def check_targets(cfg: TrainConfig, ws: Workspace) -> list[str]:
+    """Refuse to replace existing library entries unless ``overwrite`` (or ``resume``: the run's own files)."""
+    names = library_names(cfg)
+    existing = [n for n in names if ws.lora_path(n).exists()]
+    if existing and not (cfg.overwrite or cfg.resume):
+        raise InputError(f"{', '.join(repr(n) for n in existing)} already in the library: pick another name, or overwrite "
+                         "(--overwrite; the old files go to the workspace's trash/).")
+    return names
+
+
+def _max_resolution(cfg: TrainConfig) -> int:
+    from studio.models import peek_architecture
+
+    return {ARCH_SDXL: 2048, "sd15": 1024}.get(peek_architecture(cfg.model) or "", 2048)
 
 
 # --------------------------------------------------------------------------------------------------------- train
@@ -345,6 +414,15 @@ def train(cfg: TrainConfig, recipe: Recipe, ws: Workspace, *, pipe=None, events:
     ws.check_name(cfg.name)
     _emit(events, type="phase", phase="loading", detail="validating images")
     refs = D.load_dataset(ws.resolve_dataset(cfg.images), use_captions=cfg.use_captions)
+    names = check_targets(cfg, ws)
+    for folder in (ws.loras, ws.exports, ws.checkpoints, ws.jobs):  # a read-only workspace is found now, not at save
+        check_writable(folder, f"the workspace ({folder.name}/)")
+    if cfg.resolution > _max_resolution(cfg):
+        raise InputError(f"resolution {cfg.resolution} is above {_max_resolution(cfg)}, the most this model's architecture "
+                         "trains at: pick a lower resolution (0 uses the model's default).")
+    if cfg.overwrite and not cfg.resume:
+        for n in names:  # replaced entries go to the trash before anything new is written
+            ws.trash_lora(n)
 
     device = PartialState(cpu=not torch.cuda.is_available()).device
     mp = _mixed_precision(cfg, device)
@@ -380,6 +458,8 @@ def train(cfg: TrainConfig, recipe: Recipe, ws: Workspace, *, pipe=None, events:
         raise TrainingError("The recipe left nothing to train.")
     for p in trainable.values():
         p.data = p.data.float()
+    lora_bytes = sum(p.numel() * 4 for p in params.values())  # LoRA files (library + export) and a checkpoint (+2 moments)
+    check_free_space(ws.root, lora_bytes * (2 * len(names) + 6) + 64 * 2**20, f"the LoRA and its checkpoints of {cfg.name!r}")
     if cfg.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
 
@@ -418,11 +498,22 @@ def train(cfg: TrainConfig, recipe: Recipe, ws: Workspace, *, pipe=None, events:
         path = _sample(pipe, cfg, ws, at, resolution)
         _emit(events, type="sample", step=at, path=str(path))
 
+    last_ckpt = [time.monotonic()]
+
     def do_checkpoint(at: int) -> None:
         accelerator.wait_for_everyone()
+        last_ckpt[0] = time.monotonic()
         if main:
             path = save_checkpoint(pipe, cfg, ws, at, optimizer, lr_scheduler, gen, batcher, losses)
             _emit(events, type="checkpoint", step=at, path=str(path))
+
+    def save(info_: dict, final: bool = True) -> list[Path]:
+        try:
+            check_finite_tensors({k: p.detach() for k, p in params.items()}, f"the trained LoRA {cfg.name!r}")
+        except StudioError as exc:
+            raise TrainingError(f"{exc} Nothing was saved; lower the learning rate (now {cfg.lr:g}).") from None
+        with disk_errors(f"the LoRA {cfg.name!r}"):
+            return recipe.save(pipe, cfg, ws, info_, final=final)
 
     _emit(events, type="phase", phase="training", detail=f"{cfg.steps} steps at {resolution}px on {device.type}")
     if cfg.sample_every and step == 0:
@@ -453,10 +544,11 @@ def train(cfg: TrainConfig, recipe: Recipe, ws: Workspace, *, pipe=None, events:
             sps, eta = rate.tick(cfg.steps - step)
             _emit(events, type="step", step=step, total=cfg.steps, loss=step_loss, lr=lr_scheduler.get_last_lr()[0],
                   it_s=sps, eta_s=eta)
-            if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or controls.save_now.is_set():
+            due = cfg.checkpoint_minutes and time.monotonic() - last_ckpt[0] >= 60 * cfg.checkpoint_minutes
+            if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or due or controls.save_now.is_set():
                 do_checkpoint(step)
                 if controls.save_now.is_set() and main:
-                    outputs = recipe.save(pipe, cfg, ws, {**info, "steps": step}, final=False)
+                    outputs = save({**info, "steps": step}, final=False)
                     _emit(events, type="saved", step=step, outputs=[str(p) for p in outputs])
                 controls.save_now.clear()
             if (cfg.sample_every and step % cfg.sample_every == 0) or controls.sample_now.is_set():
@@ -469,7 +561,7 @@ def train(cfg: TrainConfig, recipe: Recipe, ws: Workspace, *, pipe=None, events:
         if step > 0:
             do_checkpoint(step)
             if main:
-                outputs = recipe.save(pipe, cfg, ws, {**info, "steps": step, "stopped": True}, final=True)
+                outputs = save({**info, "steps": step, "stopped": True})
         _emit(events, type="cancelled", step=step, message=str(exc), outputs=[str(p) for p in outputs])
         return TrainResult("cancelled", step, outputs, losses)
     except torch.cuda.OutOfMemoryError as exc:
@@ -482,14 +574,15 @@ def train(cfg: TrainConfig, recipe: Recipe, ws: Workspace, *, pipe=None, events:
     _emit(events, type="phase", phase="saving", detail="writing the LoRA")
     accelerator.wait_for_everyone()
     if main:
-        if cfg.checkpoint_every:
+        if cfg.checkpoint_every or cfg.checkpoint_minutes:
             do_checkpoint(step)
-        outputs = recipe.save(pipe, cfg, ws, {**info, "steps": step}, final=True)
-        preview = _sample(pipe, cfg, ws, step, resolution)
-        ws.set_preview(cfg.name, preview)
-        for out in outputs:  # other library entries of this run (B-LoRA halves) show the same preview
-            if out.parent == ws.loras and out.suffix == ".safetensors" and out.stem != cfg.name:
-                ws.set_preview(out.stem, preview)
+        outputs = save({**info, "steps": step})
+        with disk_errors(f"the preview of {cfg.name!r}"):
+            preview = _sample(pipe, cfg, ws, step, resolution)
+            ws.set_preview(cfg.name, preview)
+            for out in outputs:  # other library entries of this run (B-LoRA halves) show the same preview
+                if out.parent == ws.loras and out.suffix == ".safetensors" and out.stem != cfg.name:
+                    ws.set_preview(out.stem, preview)
         _emit(events, type="sample", step=step, path=str(preview))
     accelerator.wait_for_everyone()
     _emit(events, type="done", step=step, outputs=[str(p) for p in outputs], final_loss=losses[-1] if losses else None)

@@ -107,6 +107,9 @@ def build(services: Services) -> dict:
         if not picked or len(picked) < 2:
             raise gr.Error("Pick at least two LoRAs to merge.")
         try:
+            if services.ws.lora_path((name or "").strip()).exists():
+                raise actions.InputError(f"A LoRA named {name.strip()!r} already exists: pick another name for the merge "
+                                         "(or delete the old one first; it goes to the trash).")
             res = merge_loras([services.ws.lora_path(n) for n in picked], services.ws.lora_path((name or "").strip()),
                               lam=float(lam), name=name, ws=services.ws)
         except actions.StudioError as exc:

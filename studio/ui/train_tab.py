@@ -45,6 +45,8 @@ def build(services: Services, last_job: gr.BrowserState) -> dict:
             gr.Markdown("### 2 · What to learn")
             name = gr.Textbox(label="LoRA name", placeholder="my-dog", info="Letters, digits, - and _. This is how the LoRA appears in the library.",
                               elem_id="train-name")
+            overwrite = gr.Checkbox(label="Overwrite a LoRA of this name (the old files go to the workspace's trash/)",
+                                    value=False, elem_id="train-overwrite")
             method = gr.Radio(methods, value="dreambooth", label="Method", elem_id="train-method",
                               info="dreambooth: a subject from a few images · blora: style and content of one image (SDXL) · "
                                    "orthogonal: subjects that merge without interfering")
@@ -70,6 +72,7 @@ def build(services: Services, last_job: gr.BrowserState) -> dict:
         stop = gr.Button("Stop & save", elem_id="train-stop", scale=1)
         save_now = gr.Button("Save now", elem_id="train-save-now", scale=1)
         sample_now = gr.Button("Sample now", elem_id="train-sample-now", scale=1)
+        resume = gr.Button("Resume", elem_id="train-resume", scale=1)
     status = gr.Markdown("No training running. Add images, name your LoRA and press **Start training**.", elem_id="train-status")
     progress = gr.Slider(0, 1, value=0, label="Progress (steps)", interactive=False, elem_id="train-progress")
     with gr.Row():
@@ -104,12 +107,13 @@ def build(services: Services, last_job: gr.BrowserState) -> dict:
     main["steps"].change(lambda m, s: actions.estimate(services, m, int(s or 0)), inputs=[method, main["steps"]], outputs=estimate,
                          api_visibility="private")
 
-    def on_start(paths, m, nm, *vals):
+    def on_start(paths, m, nm, ow, *vals):
         values = {n: v for n, v in zip(names, vals) if m in fields[n][2]}
         for n, v in values.items():
             if fields[n][1] is int and v is not None:
                 values[n] = int(v)
         values["name"] = nm
+        values["overwrite"] = bool(ow)
         good, _ = actions.validate_uploads(paths)
         try:
             jid = actions.submit_training(services, good or paths, m, values)
@@ -117,8 +121,20 @@ def build(services: Services, last_job: gr.BrowserState) -> dict:
             raise gr.Error(str(exc)) from exc
         return jid, jid, gr.Timer(active=True), "Queued…"
 
-    start.click(on_start, inputs=[files, method, name] + [widgets[n] for n in names],
+    start.click(on_start, inputs=[files, method, name, overwrite] + [widgets[n] for n in names],
                 outputs=[job_id, last_job, timer, status], api_visibility="private", concurrency_limit=None)
+
+    def on_resume(jid):
+        if not jid:
+            raise gr.Error("No stopped training to resume.")
+        try:
+            new = actions.resume_training(services, jid)
+        except actions.InputError as exc:
+            raise gr.Error(str(exc)) from exc
+        return new, new, gr.Timer(active=True), "Resuming…"
+
+    resume.click(on_resume, inputs=job_id, outputs=[job_id, last_job, timer, status], api_visibility="private",
+                 concurrency_limit=None)
 
     def flag(what):
         def fn(jid):
