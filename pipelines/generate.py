@@ -78,11 +78,8 @@ def lora_stack(pipe, loras: list[LoraRef]):
         for ref in loras:
             lora_io.check_compatible(pipe, ref.path)
             name = _adapter_name(ref, used)
-            try:
-                with _quiet_diffusers():  # "No LoRA keys associated to CLIPTextModel…" for every UNet-only file
-                    pipe.load_lora_weights(str(ref.path), adapter_name=name)
-            except Exception as exc:  # noqa: BLE001 - diffusers raises many types for malformed files
-                raise LoraFormatError(f"Could not load {ref.path.name} as a LoRA: {exc}") from exc
+            with _quiet_diffusers():  # "No LoRA keys associated to CLIPTextModel…" for every UNet-only file
+                lora_io.load_lora(pipe, ref.path, name)  # any kohya/A1111/diffusers spelling, per-module alpha exact
             names.append(name)
         if names:
             activate_adapters(pipe, names, [r.weight for r in loras])
