@@ -251,6 +251,7 @@ _PARTS = (  # key ending -> part, longest spellings first
     (".lora_down.weight", "down"), (".lora_up.weight", "up"), (".lora_A.weight", "down"), (".lora_B.weight", "up"),
     (".lora.down.weight", "down"), (".lora.up.weight", "up"), (".lora_magnitude_vector.weight", "dora"),
     (".lora_magnitude_vector", "dora"), (".dora_scale", "dora"), (".alpha", "alpha"),
+    ("_lora.down.weight", "down"), ("_lora.up.weight", "up"),  # diffusers 0.42's convert_state_dict_to_kohya output
 )
 _OLD_PROC = re.compile(r"^(.*?)(?:\.processor)?\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
 _OLD_TE = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
@@ -302,7 +303,7 @@ def name_index(models: dict, arch: str) -> dict[str, tuple[str, str, tuple]]:
             if ".lora_" in key or not key.endswith(".weight") or value.ndim not in (2, 4):
                 continue
             module = key[: -len(".weight")].replace(".base_layer", "")
-            names = {module, _rename(module, sgm)} if comp == "unet" else {te_canonical(module)}
+            names = {module, _rename(module, sgm)} if comp == "unet" else {te_canonical(module), module}
             for name in names - {None}:
                 for prefix in prefixes:
                     index[f"{prefix}_{name.replace('.', '_')}"] = (comp, module, tuple(value.shape))
