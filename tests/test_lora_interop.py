@@ -32,7 +32,7 @@ def _client_modules(path: Path) -> list[tuple[torch.Tensor, torch.Tensor, float]
         for end, part in (("lora_linear_layer.down.weight", "down"), ("lora_linear_layer.up.weight", "up"),
                           ("lora_down.weight", "down"), ("lora_up.weight", "up"), ("lora.down.weight", "down"),
                           ("lora.up.weight", "up"), ("_lora.down.weight", "down"), ("_lora.up.weight", "up"),
-                          ("alpha", "alpha")):
+                          ("lora_A.weight", "down"), ("lora_B.weight", "up"), ("alpha", "alpha")):
             if key.endswith(end):
                 groups.setdefault(key[: -len(end)].rstrip("._"), {})[part] = value
                 break
