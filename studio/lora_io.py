@@ -212,6 +212,10 @@ def inspect(path: Path) -> dict:
     keys, meta = read_header(path)
     fmt = detect_format(keys)
     if fmt == "unknown":
+        what = unsupported_format(keys)
+        if what:
+            raise LoraFormatError(f"{Path(path).name} is a {what} file; the studio loads LoRA, LoCon (conv LoRA) and "
+                                  "DoRA files.")
         raise LoraFormatError(f"{Path(path).name} holds no LoRA weights (no lora_A/lora_B or lora_down/lora_up keys).")
     with safe_open(str(path), framework="pt") as f:
         ranks = sorted({f.get_slice(k).get_shape()[0] for k in keys
@@ -412,7 +416,7 @@ def normalize(tensors: dict[str, torch.Tensor], meta: dict[str, str], index: dic
             if mag.numel() != shape[0]:
                 raise LoraFormatError(f"{name} is a DoRA file with the magnitude per input column ({owner[flat]}); only "
                                       "the per-output magnitude that PEFT uses can be loaded.")
-            mag = mag.reshape(shape[0])
+            mag = mag.reshape(shape[0]) if len(shape) == 2 else mag.reshape(1, shape[0], 1, 1)  # PEFT's layouts
         scaled = (up.float() * (alpha / rank)).to(up.dtype if up.is_floating_point() else torch.float32)
         out.setdefault(comp, {})[module] = (down, scaled, mag)
     return out, problems

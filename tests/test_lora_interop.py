@@ -306,3 +306,40 @@ def test_target_without_standard_name_refused_before_training(tiny_sdxl):
     with pytest.raises(InputError, match="no kohya/A1111/ComfyUI name"):
         DreamBoothRecipe().check(pipe, cfg)
     DreamBoothRecipe().check(pipe, TrainConfig(name="x", images="x", model="tiny-sdxl", target_modules="to_q,conv1"))
+
+
+def test_dora_file_from_diffusers_loads_like_diffusers(tiny_sd, tmp_path):
+    """A DoRA LoRA (PEFT ``use_dora``, linear and conv layers) saved by diffusers' ``save_lora_weights`` gives the image
+    plain diffusers gives."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from studio.models import load_pipeline
+
+    maker = load_pipeline("tiny-sd")
+    maker.unet.add_adapter(LoraConfig(r=2, lora_alpha=4, use_dora=True, target_modules=["to_q", "to_v", "conv1"]))
+    gen = torch.Generator().manual_seed(0)
+    for n, p in maker.unet.named_parameters():
+        if "lora_B" in n:
+            p.data = torch.randn(p.shape, generator=gen) * 0.3
+    StableDiffusionPipeline.save_lora_weights(str(tmp_path), unet_lora_layers=convert_state_dict_to_diffusers(
+        get_peft_model_state_dict(maker.unet)))
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+
+    def image():
+        return np.asarray(tiny_sd("a photo", num_inference_steps=2, generator=torch.Generator().manual_seed(1)).images[0],
+                          dtype=np.float32)
+
+    base = image()
+    images = []
+    for load in (lambda: tiny_sd.load_lora_weights(str(path), adapter_name="m"),
+                 lambda: lora_io.load_lora(tiny_sd, path, "m")):
+        load()
+        try:
+            images.append(image())
+        finally:
+            tiny_sd.delete_adapters(["m"])
+            tiny_sd.unload_lora_weights()
+    assert np.abs(images[1] - images[0]).max() <= 1.0 and np.abs(images[1] - base).mean() > 0.5
