@@ -21,7 +21,7 @@ from PIL import PngImagePlugin
 
 from studio import lora_io
 from studio.config import SEED_MAX, GenerateConfig, to_dict
-from studio.errors import CancelledError, InputError, LoraFormatError
+from studio.errors import CancelledError, InputError
 from studio.library import Workspace
 from studio.models import architecture, default_resolution
 

@@ -95,7 +95,10 @@ class DreamBoothRecipe:
         ws.write_sidecar(name, {"name": name, "method": cfg.method, "architecture": info["arch"], "trigger": cfg.trigger,
                                 "recommended_weight": cfg.recommended_weight, "config": to_dict(cfg),
                                 **{k: v for k, v in info.items() if k != "arch"}, "kohya_export": str(kohya),
-                                "role": meta.get("studio.role", "subject"), "source": meta.get("studio.source", "")})
+                                "role": meta.get("studio.role", "subject"), "source": meta.get("studio.source", ""),
+                                # what A1111 reads from <name>.json beside a LoRA file
+                                **{k: v for k, v in lora_io.a1111_sidecar(meta).items()
+                                   if k in ("activation text", "preferred weight", "sd version")}})
         return [path, kohya]
 
     def save(self, pipe, cfg: TrainConfig, ws: Workspace, info: dict, final: bool) -> list[Path]:
