@@ -267,6 +267,13 @@ def te_canonical(module: str) -> str:
     return module if module.startswith(("text_model.", "text_projection")) else f"text_model.{module}"
 
 
+def model_module(model, module: str) -> str:
+    """A file's module path as ``model`` spells it (``text_model.`` dropped for a flattened ``CLIPTextModel``)."""
+    if module.startswith("text_model.") and not hasattr(model, "text_model"):
+        return module[len("text_model."):]
+    return module
+
+
 def kohya_prefix(arch: str, comp: str) -> str:
     return "lora_unet" if comp == "unet" else KOHYA_TE_PREFIX.get(arch, KOHYA_TE_PREFIX["sdxl"])[comp]
 
