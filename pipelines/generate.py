@@ -22,7 +22,7 @@ from PIL import PngImagePlugin
 
 from studio import lora_io
 from studio.config import SEED_MAX, GenerateConfig, to_dict
-from studio.errors import CancelledError, InputError, LoraFormatError
+from studio.errors import CancelledError, InputError
 from studio.library import Workspace
 from studio.safety import check_lora_file, check_weight, disk_errors
 from studio.models import architecture, default_resolution
@@ -82,11 +82,8 @@ def lora_stack(pipe, loras: list[LoraRef]):
             lora_io.check_compatible(pipe, ref.path)
             check_lora_file(ref.path)  # NaN/inf would render a black image reported as success
             name = _adapter_name(ref, used)
-            try:
-                with _quiet_diffusers():  # "No LoRA keys associated to CLIPTextModel…" for every UNet-only file
-                    pipe.load_lora_weights(str(ref.path), adapter_name=name)
-            except Exception as exc:  # noqa: BLE001 - diffusers raises many types for malformed files
-                raise LoraFormatError(f"Could not load {ref.path.name} as a LoRA: {exc}") from exc
+            with _quiet_diffusers():  # "No LoRA keys associated to CLIPTextModel…" for every UNet-only file
+                lora_io.load_lora(pipe, ref.path, name)  # any kohya/A1111/diffusers spelling, per-module alpha exact
             names.append(name)
         if names:
             activate_adapters(pipe, names, [r.weight for r in loras])

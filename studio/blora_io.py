@@ -332,6 +332,5 @@ def export_kohya(ws, name: str, path: Path) -> Path:
     state = {k[len("unet."):]: v for k, v in tensors.items() if k.startswith("unet.")}
     rank = max(v.shape[0] for k, v in state.items() if k.endswith("lora_A.weight"))
     dst = ws.exports / f"{name}.kohya.safetensors"
-    lora_io.atomic_save_safetensors(dst, lora_io.to_kohya({"unet": state}, "sdxl", float(rank), rank, 2),
-                                    lora_io.kohya_metadata(meta))
+    lora_io.write_kohya_export(dst, lora_io.to_kohya({"unet": state}, "sdxl", float(rank), rank, 2), meta)
     return dst

@@ -9,8 +9,19 @@ A studio LoRA file is a ``.safetensors`` file with
 * ``modelspec.*`` keys (Stability's ModelSpec, as kohya writes them) and ``studio.*`` keys (method, architecture,
   trigger, rank, alpha, steps, resolution, dataset size, recommended weight, …).
 
-The kohya export uses ``lora_unet_*``/``lora_te*_*`` names with ``lora_down``/``lora_up``/``alpha``; for SDXL the
-UNet blocks get Stability's SGM names (``input_blocks_4_1`` …), as kohya sd-scripts and ComfyUI expect.
+The kohya export uses ``lora_unet_*``/``lora_te*_*`` names with ``lora_down``/``lora_up``/``alpha``, the names kohya
+sd-scripts writes: diffusers module paths for SD1.5, Stability's SGM paths for SDXL (``input_blocks_4_1_…``, ResNet
+leaves ``in_layers_2``/``emb_layers_1``/``skip_connection``), CLIP modules always below ``text_model`` (the
+transformers 4 layout, which kohya, A1111, ComfyUI and older diffusers expect, whatever layout the installed
+transformers uses). The diffusers file spells CLIP-L keys the same way (``text_encoder.text_model.…``).
+
+Imports (``load_lora``/``peft_state``) accept kohya SD1.5/SDXL files (diffusers or SGM block names), A1111/Forge
+files, diffusers' training-script files in the current (``lora_A``), ``lora.down`` and old attention-processor
+(``processor.to_k_lora.down``, ``lora_linear_layer``) spellings, either CLIP-L layout, LoCon (conv) and DoRA
+(``dora_scale``). Each module's ``alpha / rank`` is folded into ``lora_up`` before PEFT sees it, so per-module alphas
+apply exactly (diffusers 0.42's kohya conversion gives modules whose alpha differs from the file's most common one
+twice their strength; the studio does not use that conversion). LoHa, LoKr, OFT, GLoRA, full-weight diffs and
+Tucker (``lora_mid``) LoCon are refused with the format's name: diffusers' PEFT loader has no layer for them.
 Only safetensors are read: pickles can run code.
 """
 
@@ -37,6 +48,13 @@ KOHYA_TE_PREFIX = {"sd15": {"text_encoder": "lora_te"}, "sdxl": {"text_encoder":
 
 
 # ----------------------------------------------------------------------------------------------------------- writing
+def _umask_mode() -> int:
+    """The mode a plain ``open(path, "w")`` would give: 0666 less the process umask (``mkstemp`` makes 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -45,6 +63,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -59,6 +78,7 @@ def atomic_save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metada
     os.close(fd)
     try:
         save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -87,10 +107,18 @@ def build_metadata(*, arch: str, method: str, name: str, rank: int, alpha: float
     adapter_meta = {}
     for comp, state in components.items():
         if state:
-            ranks = {k: v.shape[0] for k, v in state.items() if k.endswith("lora_A.weight")}
+            state = _canonical_state(comp, state)
+            ranks = {k[: -len(".lora_A.weight")]: v.shape[0] for k, v in state.items() if k.endswith("lora_A.weight")}
             r = max(ranks.values())
-            adapter_meta.update({f"{comp}.r": r, f"{comp}.lora_alpha": alpha * r / rank if rank else alpha,
-                                 f"{comp}.target_modules": modules_of(state), f"{comp}.init_lora_weights": True})
+            scale = alpha / rank if rank else 1.0  # every module: alpha / rank, whatever its own rank
+            # CLIP targets without ``text_model.``: PEFT matches them by suffix in either transformers layout
+            targets = [m.removeprefix("text_model.") for m in modules_of(state)]
+            adapter_meta.update({f"{comp}.r": r, f"{comp}.lora_alpha": scale * r,
+                                 f"{comp}.target_modules": targets, f"{comp}.init_lora_weights": True})
+            odd = {m: n for m, n in ranks.items() if n != r}
+            if odd:
+                odd = {m.removeprefix("text_model."): n for m, n in odd.items()}
+                adapter_meta.update({f"{comp}.rank_pattern": odd, f"{comp}.alpha_pattern": {m: scale * n for m, n in odd.items()}})
     meta = {
         "format": "pt",
         ADAPTER_META_KEY: json.dumps(adapter_meta, sort_keys=True),
@@ -110,9 +138,14 @@ def build_metadata(*, arch: str, method: str, name: str, rank: int, alpha: float
     return meta
 
 
+def _canonical_state(comp: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CLIP keys below ``text_model.`` (the spelling diffusers writes with the transformers 4 layout)."""
+    return state if comp == "unet" else {te_canonical(k): v for k, v in state.items()}
+
+
 def save_lora(path: Path, components: dict[str, dict[str, torch.Tensor]], metadata: dict[str, str]) -> Path:
     """Save per-component adapter states (``{"unet": {...}, "text_encoder": {...}}``) in diffusers format."""
-    tensors = {f"{comp}.{k}": v for comp, state in components.items() for k, v in state.items()}
+    tensors = {f"{comp}.{k}": v for comp, state in components.items() for k, v in _canonical_state(comp, state).items()}
     if not tensors:
         raise LoraFormatError("Nothing to save: the LoRA has no weights.")
     atomic_save_safetensors(Path(path), tensors, metadata)
@@ -142,7 +175,8 @@ def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 def detect_format(keys: list[str]) -> str:
     if any(k.startswith("lora_unet_") or k.startswith("lora_te") for k in keys):
         return "kohya"
-    if any(".lora_A." in k or ".lora_B." in k or ".lora.down." in k or ".lora_linear_layer." in k for k in keys):
+    if any(".lora_A." in k or ".lora_B." in k or ".lora.down." in k or ".lora_linear_layer." in k or "_lora.down." in k
+           for k in keys):
         return "diffusers"
     return "unknown"
 
@@ -178,10 +212,18 @@ def inspect(path: Path) -> dict:
     keys, meta = read_header(path)
     fmt = detect_format(keys)
     if fmt == "unknown":
+        what = unsupported_format(keys)
+        if what:
+            raise LoraFormatError(f"{Path(path).name} is a {what} file; the studio loads LoRA, LoCon (conv LoRA) and "
+                                  "DoRA files.")
         raise LoraFormatError(f"{Path(path).name} holds no LoRA weights (no lora_A/lora_B or lora_down/lora_up keys).")
     with safe_open(str(path), framework="pt") as f:
-        ranks = sorted({f.get_slice(k).get_shape()[0] for k in keys if k.endswith(("lora_A.weight", "lora_down.weight"))})
-    comps = sorted({k.split(".")[0] if fmt == "diffusers" else k.split("_")[1] for k in keys})
+        ranks = sorted({f.get_slice(k).get_shape()[0] for k in keys
+                        if k.endswith(("lora_A.weight", "lora_down.weight", ".down.weight"))})
+    if fmt == "diffusers":
+        comps = sorted({k.split(".")[0] if k.split(".")[0] in COMPONENTS else "unet" for k in keys})
+    else:
+        comps = sorted({k.split("_")[1] for k in keys})
     return {
         "file": str(path),
         "format": fmt,
@@ -196,84 +238,333 @@ def inspect(path: Path) -> dict:
     }
 
 
+# ------------------------------------------------------------------------------------------------------------ names
+TE_COMPONENTS = ("text_encoder", "text_encoder_2")
+_UNSUPPORTED = (  # key endings of LyCORIS/other formats that diffusers' PEFT loader has no layer for
+    ((".hada_w1_a", ".hada_w1_b", ".hada_w2_a", ".hada_w2_b"), "LoHa (LyCORIS Hadamard product)"),
+    ((".lokr_w1", ".lokr_w2", ".lokr_w1_a", ".lokr_w2_a"), "LoKr (LyCORIS Kronecker product)"),
+    ((".oft_blocks", ".oft_diag", ".oft_r.weight"), "OFT/BOFT"),
+    ((".a1.weight", ".b1.weight"), "GLoRA"),
+    ((".diff", ".diff_b"), "full weight difference (LyCORIS 'full')"),
+    ((".w_norm", ".b_norm"), "norm-layer difference"),
+    ((".lora_mid.weight",), "LoCon with Tucker decomposition (lora_mid)"),
+    ((".on_input",), "IA3"),
+)
+_PARTS = (  # key ending -> part, longest spellings first
+    (".lora_linear_layer.down.weight", "down"), (".lora_linear_layer.up.weight", "up"),
+    (".lora_down.weight", "down"), (".lora_up.weight", "up"), (".lora_A.weight", "down"), (".lora_B.weight", "up"),
+    (".lora.down.weight", "down"), (".lora.up.weight", "up"), (".lora_magnitude_vector.weight", "dora"),
+    (".lora_magnitude_vector", "dora"), (".dora_scale", "dora"), (".alpha", "alpha"),
+    ("_lora.down.weight", "down"), ("_lora.up.weight", "up"),  # diffusers 0.42's convert_state_dict_to_kohya output
+)
+_OLD_PROC = re.compile(r"^(.*?)(?:\.processor)?\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
+_OLD_TE = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
+
+
+def te_canonical(module: str) -> str:
+    """A CLIP module path in the transformers 4 layout (``text_model.encoder…``), which kohya, A1111, ComfyUI and older
+    diffusers use; transformers >= 5.6 drops ``text_model`` from ``CLIPTextModel`` (not from ``…WithProjection``)."""
+    return module if module.startswith(("text_model.", "text_projection")) else f"text_model.{module}"
+
+
+def model_module(model, module: str) -> str:
+    """A file's module path as ``model`` spells it (``text_model.`` dropped for a flattened ``CLIPTextModel``)."""
+    if module.startswith("text_model.") and not hasattr(model, "text_model"):
+        return module[len("text_model."):]
+    return module
+
+
+def kohya_prefix(arch: str, comp: str) -> str:
+    return "lora_unet" if comp == "unet" else KOHYA_TE_PREFIX.get(arch, KOHYA_TE_PREFIX["sdxl"])[comp]
+
+
+def _sgm_table(unet_config) -> dict[str, str]:
+    from .checkpoint import unet_module_map
+
+    return unet_module_map(dict(unet_config))
+
+
+def kohya_module_name(comp: str, module: str, arch: str, sgm: dict[str, str] | None) -> str | None:
+    """The kohya/A1111/ComfyUI name of one module (``lora_unet_input_blocks_4_1_…``), or None when it has none."""
+    from .checkpoint import _rename
+
+    if comp == "unet":
+        name = _rename(module, sgm) if arch == "sdxl" and sgm is not None else module
+    else:
+        name = te_canonical(module)
+    return None if name is None else f"{kohya_prefix(arch, comp)}_{name.replace('.', '_')}"
+
+
+def lora_models(pipe) -> dict:
+    return {c: getattr(pipe, c) for c in COMPONENTS if getattr(pipe, c, None) is not None}
+
+
+def name_index(models: dict, arch: str) -> dict[str, tuple[str, str, tuple]]:
+    """Every name a LoRA file may give a weight layer of ``models`` -> (component, module path, weight shape).
+
+    UNet layers answer to their diffusers path and their SGM path; CLIP layers to the ``text_model`` path, so files
+    from either transformers layout and either naming scheme find the same layer."""
+    from .checkpoint import _rename
+
+    sgm = _sgm_table(models["unet"].config) if "unet" in models else None
+    index: dict[str, tuple[str, str, tuple]] = {}
+    for comp, model in models.items():
+        prefixes = {kohya_prefix(arch, comp)} | ({"lora_te", "lora_te1"} if comp == "text_encoder" else set())
+        for key, value in model.state_dict().items():
+            if ".lora_" in key or not key.endswith(".weight") or value.ndim not in (2, 4):
+                continue
+            module = key[: -len(".weight")].replace(".base_layer", "")
+            names = {module, _rename(module, sgm)} if comp == "unet" else {te_canonical(module), module}
+            for name in names - {None}:
+                for prefix in prefixes:
+                    index[f"{prefix}_{name.replace('.', '_')}"] = (comp, module, tuple(value.shape))
+    return index
+
+
+def _split_key(key: str, arch: str) -> tuple[str, str] | None:
+    """``(flat kohya-style module name, part)`` of one file key; None for keys that are no LoRA part."""
+    m = _OLD_PROC.match(key)
+    if m:
+        head, proj, part = m[1], m[2], m[3]
+        comp = "text_encoder_2" if head.startswith("text_encoder_2.") else "text_encoder" if head.startswith(
+            "text_encoder.") else "unet"
+        leaf = _OLD_TE[proj] if comp != "unet" else ("to_out.0" if proj == "to_out" else proj)
+        body = f"{head}.{leaf}"
+    else:
+        for end, part in _PARTS:
+            if key.endswith(end):
+                body = key[: -len(end)]
+                break
+        else:
+            return None
+        if body.startswith("lora_"):
+            return body, part
+        comp = "unet"
+    for c in COMPONENTS:
+        if body.startswith(c + "."):
+            comp, body = c, body[len(c) + 1:]
+            break
+    if comp != "unet":
+        body = te_canonical(body)
+    return f"{kohya_prefix(arch, comp)}_{body.replace('.', '_')}", part
+
+
+def unsupported_format(keys) -> str | None:
+    for ends, what in _UNSUPPORTED:
+        if any(k.endswith(ends) for k in keys):
+            return what
+    return None
+
+
+def _peft_alphas(meta: dict[str, str]) -> dict[str, tuple[float, dict]]:
+    """Per component ``(lora_alpha, alpha_pattern)`` from diffusers' adapter metadata (absent: alpha = rank)."""
+    try:
+        am = json.loads(meta.get(ADAPTER_META_KEY, "") or "{}")
+    except json.JSONDecodeError:
+        return {}
+    if any(k in am for k in ("r", "lora_alpha")):  # one config for a one-component file
+        am = {f"unet.{k}": v for k, v in am.items()}
+    return {c: (float(am[f"{c}.lora_alpha"]), am.get(f"{c}.alpha_pattern") or {})
+            for c in COMPONENTS if f"{c}.lora_alpha" in am}
+
+
+def _fit(t: torch.Tensor, ndim: int) -> torch.Tensor:
+    """A linear LoRA factor as a 1x1 conv factor or back (kohya writes SD1.5 ``proj_in`` as conv, diffusers as linear)."""
+    if t.ndim == ndim:
+        return t
+    if ndim == 4 and t.ndim == 2:
+        return t[:, :, None, None]
+    if ndim == 2 and t.ndim == 4 and t.shape[2:] == (1, 1):
+        return t[:, :, 0, 0]
+    return t
+
+
+def normalize(tensors: dict[str, torch.Tensor], meta: dict[str, str], index: dict, arch: str, name: str):
+    """Map a LoRA file of any supported spelling onto the layers in ``index``.
+
+    Returns ``({component: {module: (down, up·alpha/rank, magnitude or None)}}, problems)``; ``problems`` lists keys
+    with no layer or the wrong size."""
+    what = unsupported_format(tensors)
+    if what:
+        raise LoraFormatError(f"{name} is a {what} file. The studio loads LoRA, LoCon (conv LoRA) and DoRA files; "
+                              f"convert it to a plain LoRA (e.g. with kohya's extract/resize tools) or use another UI.")
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    owner: dict[str, str] = {}
+    problems: list[str] = []
+    for key, value in tensors.items():
+        split = _split_key(key, arch)
+        if split is None:
+            problems.append(key)
+            continue
+        groups.setdefault(split[0], {})[split[1]] = value
+        owner.setdefault(split[0], key)
+    peft_alphas = _peft_alphas(meta)
+    out: dict[str, dict[str, tuple]] = {}
+    for flat, g in groups.items():
+        hit = index.get(flat)
+        if hit is None or "down" not in g or "up" not in g:
+            problems.append(owner[flat])
+            continue
+        comp, module, shape = hit
+        down, up = _fit(g["down"], len(shape)), _fit(g["up"], len(shape))
+        rank = down.shape[0]
+        if up.shape[:2] != (shape[0], rank) or down.shape[1:] != shape[1:]:
+            problems.append(owner[flat])
+            continue
+        if "alpha" in g:
+            alpha = float(g["alpha"])
+        elif comp in peft_alphas:
+            default, pattern = peft_alphas[comp]
+            alpha = next((float(v) for k, v in pattern.items() if module == k or module.endswith("." + k)), default)
+        else:
+            alpha = rank  # kohya: no alpha means alpha = rank; diffusers without metadata: scale 1
+        mag = g.get("dora")
+        if mag is not None:
+            if mag.numel() != shape[0]:
+                raise LoraFormatError(f"{name} is a DoRA file with the magnitude per input column ({owner[flat]}); only "
+                                      "the per-output magnitude that PEFT uses can be loaded.")
+            mag = mag.reshape(shape[0]) if len(shape) == 2 else mag.reshape(1, shape[0], 1, 1)  # PEFT's layouts
+        scaled = (up.float() * (alpha / rank)).to(up.dtype if up.is_floating_point() else torch.float32)
+        out.setdefault(comp, {})[module] = (down, scaled, mag)
+    return out, problems
+
+
+def peft_state_from(tensors: dict[str, torch.Tensor], meta: dict[str, str], models: dict, arch: str,
+                    name: str) -> dict[str, torch.Tensor]:
+    """A LoRA file's tensors as one diffusers/PEFT state dict for ``models`` (keys ``unet.<module>.lora_A.weight``…),
+    alpha folded in (scale 1), or ``LoraFormatError`` naming what does not fit."""
+    layers, problems = normalize(tensors, meta, name_index(models, arch), arch, name)
+    if problems or not layers:
+        raise LoraFormatError(
+            f"{name} does not fit the loaded {ARCH_NAMES.get(arch, arch)} model: {len(problems)} of {len(tensors)} "
+            f"tensors have no matching layer or the wrong size (e.g. {(problems or list(tensors) or ['-'])[0]}). It was "
+            "probably trained for another base model (or another model size).")
+    state = {}
+    for comp, mods in layers.items():
+        for module, (down, up, mag) in mods.items():
+            state[f"{comp}.{module}.lora_A.weight"] = down
+            state[f"{comp}.{module}.lora_B.weight"] = up
+            if mag is not None:
+                state[f"{comp}.{module}.lora_magnitude_vector"] = mag
+    return state
+
+
+ARCH_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL"}
+
+
 # ------------------------------------------------------------------------------------------------------- compatibility
 def check_compatible(pipe, path: Path) -> dict:
-    """Raise ``LoraFormatError`` unless the LoRA at ``path`` fits ``pipe``; return its ``inspect`` summary."""
+    """Raise ``LoraFormatError`` unless the LoRA at ``path`` fits ``pipe``; return its ``inspect`` summary.
+
+    Names are mapped with the pipeline's own UNet config (SGM and diffusers names, either CLIP layout) before any
+    layer is judged missing."""
     from .models import architecture
 
     info = inspect(path)
     arch = architecture(pipe)
-    names = {"sd15": "SD1.5", "sdxl": "SDXL"}
     if info["architecture"] and info["architecture"] != arch:
         raise LoraFormatError(
-            f"{Path(path).name} was trained for {names.get(info['architecture'], info['architecture'])} but the loaded "
-            f"model is {names[arch]}: pick a LoRA made for this base (or switch the base model)."
+            f"{Path(path).name} was trained for {ARCH_NAMES.get(info['architecture'], info['architecture'])} but the "
+            f"loaded model is {ARCH_NAMES[arch]}: pick a LoRA made for this base (or switch the base model)."
         )
-    state, _ = pipe.lora_state_dict(str(path))
-    mismatched = []
-    for key, tensor in state.items():
-        comp, _, rest = key.partition(".")
-        model = getattr(pipe, comp, None)
-        if model is None or ".lora" not in rest or not key.endswith(".weight"):
-            mismatched.append(key)
-            continue
-        module_name = re.split(r"\.lora(_A|_B|\.down|\.up|_linear_layer)", rest)[0]
-        try:
-            module = model.get_submodule(module_name)
-        except AttributeError:
-            mismatched.append(key)
-            continue
-        in_f = getattr(module, "in_features", None)
-        out_f = getattr(module, "out_features", None)
-        if ("lora_A" in rest or ".down." in rest) and in_f is not None and tensor.shape[-1] != in_f:
-            mismatched.append(key)
-        if ("lora_B" in rest or ".up." in rest) and out_f is not None and tensor.shape[0] != out_f:
-            mismatched.append(key)
-    if mismatched:
-        raise LoraFormatError(
-            f"{Path(path).name} does not fit the loaded {names[arch]} model: {len(mismatched)} of {len(state)} tensors "
-            f"have no matching layer or the wrong size (e.g. {mismatched[0]}). It was probably trained for another base."
-        )
+    tensors, meta = read_tensors(path)
+    peft_state_from(tensors, meta, lora_models(pipe), arch, Path(path).name)
     return info
 
 
-# ------------------------------------------------------------------------------------------------------------ kohya
-def sgm_block_name(module: str, layers_per_block) -> str:
-    """Map a diffusers UNet module path to Stability's SGM naming (SDXL kohya files).
+def peft_state(pipe, path: Path) -> dict[str, torch.Tensor]:
+    """The LoRA at ``path`` as a diffusers/PEFT state dict that fits ``pipe`` exactly (per-module alpha folded in)."""
+    from .models import architecture
 
-    ``layers_per_block`` is the UNet config's value: one int, or one int per down block (up blocks mirror it and
-    have one layer more each)."""
+    tensors, meta = read_tensors(path)
+    return peft_state_from(tensors, meta, lora_models(pipe), architecture(pipe), Path(path).name)
+
+
+def load_lora(pipe, path: Path, adapter_name: str) -> None:
+    """Attach the LoRA at ``path`` to ``pipe`` as PEFT adapter ``adapter_name`` through diffusers' loader."""
+    state = peft_state(pipe, path)
+    try:
+        pipe.load_lora_weights(state, adapter_name=adapter_name)
+    except Exception as exc:  # noqa: BLE001 - diffusers raises many types for malformed files
+        raise LoraFormatError(f"Could not load {Path(path).name} as a LoRA: {exc}") from exc
+
+
+# ------------------------------------------------------------------------------------------------------------ kohya
+_RESNET_LEAF = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
+                "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+
+
+def sgm_block_name(module: str, layers_per_block) -> str:
+    """Map a diffusers UNet module path to Stability's SGM naming (SDXL kohya files) from ``layers_per_block`` alone
+    (one int, or one per down block; up blocks mirror it with one layer more). ``unet_module_map`` in
+    ``studio/checkpoint.py`` maps every layer from the full config; this covers attentions and ResNets."""
     def offset(i: int, counts) -> int:  # first SGM index of block i
         return sum(c + 1 for c in counts[:i])
+
+    def leaf(kind: str, rest: str) -> str:
+        if kind == "attentions":
+            return rest
+        head, _, tail = rest.partition(".")
+        if head not in _RESNET_LEAF:
+            raise LoraFormatError(f"No kohya/SGM name for UNet module {module!r}.")
+        return ".".join(filter(None, (_RESNET_LEAF[head], tail)))
 
     m = re.match(r"down_blocks\.(\d+)\.(attentions|resnets)\.(\d+)\.(.*)", module)
     if m:
         i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
         counts = [layers_per_block] * (i + 1) if isinstance(layers_per_block, int) else list(layers_per_block)
-        return f"input_blocks.{1 + offset(i, counts) + j}.{1 if kind == 'attentions' else 0}.{rest}"
+        return f"input_blocks.{1 + offset(i, counts) + j}.{1 if kind == 'attentions' else 0}.{leaf(kind, rest)}"
     m = re.match(r"up_blocks\.(\d+)\.(attentions|resnets)\.(\d+)\.(.*)", module)
     if m:
         i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
         counts = [layers_per_block] * (i + 1) if isinstance(layers_per_block, int) else list(reversed(layers_per_block))
-        return f"output_blocks.{offset(i, counts) + j}.{1 if kind == 'attentions' else 0}.{rest}"
+        return f"output_blocks.{offset(i, counts) + j}.{1 if kind == 'attentions' else 0}.{leaf(kind, rest)}"
     m = re.match(r"mid_block\.(attentions|resnets)\.(\d+)\.(.*)", module)
     if m:
         kind, j, rest = m[1], int(m[2]), m[3]
-        return f"middle_block.{1 if kind == 'attentions' else 2 * j}.{rest}"
+        return f"middle_block.{1 if kind == 'attentions' else 2 * j}.{leaf(kind, rest)}"
     raise LoraFormatError(f"No kohya/SGM name for UNet module {module!r}.")
+
+
+def unnamed_targets(pipe, targets) -> list[str]:
+    """UNet modules that ``targets`` (PEFT ``target_modules``) would pick and that have no kohya/A1111/ComfyUI name:
+    checked before training, so no run finishes with a LoRA that cannot be exported."""
+    from peft.tuners.tuners_utils import check_target_module_exists
+    from peft import LoraConfig
+
+    from .models import architecture
+
+    arch = architecture(pipe)
+    sgm = _sgm_table(pipe.unet.config)
+    cfg = LoraConfig(target_modules=list(targets))
+    missing = []
+    for name, module in pipe.unet.named_modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and ".lora_" not in name and "base_layer" not in name \
+                and check_target_module_exists(cfg, name) and kohya_module_name("unet", name, arch, sgm) is None:
+            missing.append(name)
+    return missing
 
 
 def to_kohya(components: dict[str, dict[str, torch.Tensor]], arch: str, alpha: float, rank: int,
              layers_per_block) -> dict[str, torch.Tensor]:
-    """Convert per-component PEFT states to a kohya/A1111/ComfyUI state dict (``lora_down``/``lora_up``/``alpha``)."""
+    """Convert per-component PEFT states to a kohya/A1111/ComfyUI state dict (``lora_down``/``lora_up``/``alpha``).
+
+    ``layers_per_block``: the UNet config (a mapping: every layer gets its SGM name) or just its
+    ``layers_per_block`` (attentions and ResNets only)."""
+    from collections.abc import Mapping
+
+    sgm = _sgm_table(layers_per_block) if isinstance(layers_per_block, Mapping) else None
     out: dict[str, torch.Tensor] = {}
     for comp, state in components.items():
         for module in modules_of(state):
-            if comp == "unet":
-                name = sgm_block_name(module, layers_per_block) if arch == "sdxl" else module
-                prefix = "lora_unet_" + name.replace(".", "_")
+            plain = module.replace(".base_layer", "")
+            if comp == "unet" and arch == "sdxl" and sgm is None:
+                prefix = "lora_unet_" + sgm_block_name(plain, layers_per_block).replace(".", "_")
             else:
-                prefix = KOHYA_TE_PREFIX[arch][comp] + "_" + module.replace(".", "_")
+                prefix = kohya_module_name(comp, plain, arch, sgm)
+                if prefix is None:
+                    raise LoraFormatError(f"No kohya/SGM name for UNet module {plain!r}: A1111, ComfyUI and kohya "
+                                          "could not load it.")
             down, up = state[f"{module}.lora_A.weight"], state[f"{module}.lora_B.weight"]
             out[f"{prefix}.lora_down.weight"] = down
             out[f"{prefix}.lora_up.weight"] = up
@@ -281,56 +572,163 @@ def to_kohya(components: dict[str, dict[str, torch.Tensor]], arch: str, alpha: f
     return out
 
 
-def kohya_metadata(meta: dict[str, str]) -> dict[str, str]:
-    """kohya ``ss_*`` keys next to the ModelSpec keys, so A1111/ComfyUI cards show what the LoRA is."""
+def modelspec_hash(tensors: dict[str, torch.Tensor]) -> str:
+    """``modelspec.hash_sha256`` as kohya sd-scripts computes it: SHA-256 over every tensor's bytes in order."""
+    from safetensors.torch import save
+
+    h = hashlib.sha256()
+    for t in tensors.values():
+        data = save({"tensor": t.detach().to("cpu").contiguous()})
+        h.update(data[8 + int.from_bytes(data[:8], "little"):])
+    return f"0x{h.hexdigest()}"
+
+
+def addnet_hashes(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> tuple[str, str]:
+    """``sshs_model_hash`` / ``sshs_legacy_hash`` (sd-webui-additional-networks): SHA-256 of the data section of the
+    file as written with only its ``ss_*`` metadata, and of 64 KiB at 1 MiB into it (first 8 hex digits)."""
+    from safetensors.torch import save
+
+    data = save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()},
+                {k: v for k, v in meta.items() if k.startswith("ss_")})
+    body = data[8 + int.from_bytes(data[:8], "little"):]
+    return hashlib.sha256(body).hexdigest(), hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
+
+
+def tag_frequency(captions: dict[str, list[str]]) -> dict[str, dict[str, int]]:
+    """kohya's ``ss_tag_frequency``: per dataset folder, how often each comma-separated, lower-cased tag occurs."""
+    out: dict[str, dict[str, int]] = {}
+    for folder, texts in captions.items():
+        freq = out.setdefault(folder, {})
+        for text in texts:
+            for tag in (t.strip().lower() for t in text.split(",")):
+                if tag:
+                    freq[tag] = freq.get(tag, 0) + 1
+    return out
+
+
+def kohya_metadata(meta: dict[str, str], tensors: dict[str, torch.Tensor] | None = None) -> dict[str, str]:
+    """kohya ``ss_*`` keys next to the ModelSpec keys, so A1111/ComfyUI cards show what the LoRA is. With ``tensors``
+    the ModelSpec and additional-networks hashes are added as kohya writes them."""
     out = {k: v for k, v in meta.items() if k != ADAPTER_META_KEY}
     arch = meta.get("studio.base_arch", "")
+    res = re.fullmatch(r"(\d+)x(\d+)", meta.get("modelspec.resolution", ""))
     out.update({
         "ss_network_module": "networks.lora",
         "ss_network_dim": meta.get("studio.rank", ""),
         "ss_network_alpha": meta.get("studio.alpha", ""),
         "ss_base_model_version": "sdxl_base_v1-0" if arch == "sdxl" else "sd_v1",
         "ss_output_name": meta.get("modelspec.title", ""),
-        "ss_resolution": meta.get("modelspec.resolution", ""),
+        "ss_resolution": f"({res[1]}, {res[2]})" if res else "",
         "ss_max_train_steps": meta.get("studio.steps", ""),
-        "modelspec.implementation": "https://github.com/kohya-ss/sd-scripts",
+        "ss_sd_model_name": meta.get("studio.base_model", ""),
+        "ss_training_comment": meta.get("modelspec.trigger_phrase", ""),
+        # what kohya writes for the same architecture (sai_model_spec.determine_implementation)
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if arch == "sdxl" else "diffusers",
     })
+    if meta.get("studio.tag_frequency"):
+        out["ss_tag_frequency"] = meta["studio.tag_frequency"]
+    if tensors is not None:
+        out["modelspec.hash_sha256"] = modelspec_hash(tensors)
+        out["sshs_model_hash"], out["sshs_legacy_hash"] = addnet_hashes(tensors, out)
     return out
 
 
+def a1111_sidecar(meta: dict[str, str]) -> dict:
+    """The ``<name>.json`` that A1111's Lora tab reads beside a LoRA file (activation text, weight, base)."""
+    arch = meta.get("studio.base_arch", "")
+    return {
+        "description": meta.get("modelspec.description", "") or
+        f"{meta.get('studio.method', 'LoRA')} LoRA made with Customization Studio ({meta.get('studio.steps', '?')} steps)",
+        "sd version": {"sdxl": "SDXL", "sd15": "SD1"}.get(arch, "Unknown"),
+        "activation text": meta.get("modelspec.trigger_phrase", ""),
+        "preferred weight": float(meta.get("studio.recommended_weight", "1") or 1),
+        "notes": meta.get("studio.base_model", ""),
+    }
+
+
+def write_kohya_export(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> Path:
+    """Write a kohya-format file (atomically, umask permissions) and its A1111 sidecar ``<name>.json`` beside it."""
+    path = Path(path)
+    atomic_save_safetensors(path, tensors, kohya_metadata(meta, tensors))
+    atomic_write_json(path.with_name(path.name[: -len(".safetensors")] + ".json"), a1111_sidecar(meta))
+    return path
+
+
+# ------------------------------------------------------------------------------------------------------- conversion
+def _config_candidates(meta: dict[str, str], arch: str) -> list[Path]:
+    """Model folders whose configs may name a file's layers: its own base model, the standard one, the bundled ones."""
+    from .models import ASSETS
+
+    out = []
+    base = meta.get("studio.base_model", "")
+    if base and (ASSETS / base / "unet" / "config.json").is_file():
+        out.append(ASSETS / base)
+    elif base and (Path(base).expanduser() / "unet" / "config.json").is_file():
+        out.append(Path(base).expanduser())
+    out.append(ASSETS / "configs" / arch)
+    out += [ASSETS / n for n in (("tiny-sdxl", "toy-xl") if arch == "sdxl" else ("tiny-sd",))]
+    return out
+
+
+def meta_models(folder: Path, arch: str) -> dict:
+    """The UNet and text encoders of a model folder built on the meta device (names and shapes, no weights)."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    with init_empty_weights():
+        models = {"unet": UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet")),
+                  "text_encoder": CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder"))}
+        if arch == "sdxl":
+            models["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(folder / "text_encoder_2"))
+    return models
+
+
+def _fitting_models(tensors, meta, arch: str, name: str):
+    last = None
+    for folder in _config_candidates(meta, arch):
+        models = meta_models(folder, arch)
+        try:
+            return models, peft_state_from(tensors, meta, models, arch, name), folder
+        except LoraFormatError as exc:
+            if "is a " in str(exc):  # an unsupported format: no other config helps
+                raise
+            last = exc
+    raise last
+
+
 def convert(src: Path, dst: Path, to: str, layers_per_block: int | None = None) -> Path:
-    """Convert a studio LoRA between diffusers and kohya format (``studio lora convert``)."""
+    """Convert a LoRA between diffusers and kohya format (``studio lora convert``).
+
+    ``--to diffusers`` reads every spelling ``load_lora`` reads; layers are named with the configs of the file's base
+    model (its ``studio.base_model``), the standard SD1.5/SDXL configs or the bundled models, whichever fits all keys.
+    """
     tensors, meta = read_tensors(src)
     fmt = detect_format(list(tensors))
-    if to == fmt:
-        raise LoraFormatError(f"{Path(src).name} is already in {to} format.")
+    name = Path(src).name
+    if to not in ("diffusers", "kohya"):
+        raise LoraFormatError(f"Unknown target format {to!r}: use 'diffusers' or 'kohya'.")
+    if fmt == "unknown":
+        raise LoraFormatError(f"{name} holds no LoRA weights (no lora_A/lora_B or lora_down/lora_up keys).")
+    if to == fmt and to == "kohya":
+        raise LoraFormatError(f"{name} is already in {to} format.")
+    arch = detect_arch(list(tensors), meta) or "sd15"
+    models, state, folder = _fitting_models(tensors, meta, arch, name)
+    components: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        comp, _, rest = key.partition(".")
+        components.setdefault(comp, {})[rest] = value
+    ranks = [v.shape[0] for k, v in state.items() if k.endswith("lora_A.weight")]
+    rank = int(meta.get("studio.rank", 0) or 0) or max(ranks)
+    # alpha is folded into lora_B: the written file has scale 1 for every module (alpha = each module's rank)
     if to == "kohya":
-        if fmt != "diffusers":
-            raise LoraFormatError(f"{Path(src).name} is not a LoRA in diffusers format.")
-        arch = detect_arch(list(tensors), meta) or "sd15"
-        components = {c: {k[len(c) + 1:]: v for k, v in tensors.items() if k.split(".")[0] == c} for c in COMPONENTS}
-        components = {c: s for c, s in components.items() if s}
-        rank = int(meta.get("studio.rank", 0)) or max(v.shape[0] for k, v in tensors.items() if k.endswith("lora_A.weight"))
-        alpha = float(meta.get("studio.alpha", rank))
-        lpb = layers_per_block or json.loads(meta.get("studio.layers_per_block", "2"))
-        atomic_save_safetensors(Path(dst), to_kohya(components, arch, alpha, rank, lpb), kohya_metadata(meta))
-        return Path(dst)
-    if to == "diffusers":
-        if fmt != "kohya":
-            raise LoraFormatError(f"{Path(src).name} is not a kohya-format LoRA.")
-        from diffusers import StableDiffusionXLPipeline
-        from diffusers.utils import convert_unet_state_dict_to_peft
-
-        state, alphas = StableDiffusionXLPipeline.lora_state_dict(str(src))
-        arch = detect_arch(list(tensors), meta) or "sd15"
-        components: dict[str, dict] = {}
-        for comp in COMPONENTS:
-            sub = {k[len(comp) + 1:]: v for k, v in state.items() if k.split(".")[0] == comp}
-            if sub:
-                components[comp] = convert_unet_state_dict_to_peft(sub)
-        rank = max(v.shape[0] for s in components.values() for k, v in s.items() if k.endswith("lora_A.weight"))
-        alpha = float(next(iter(alphas.values()))) if alphas else float(rank)
-        new_meta = build_metadata(arch=arch, method=meta.get("studio.method", "imported"), name=Path(dst).stem,
-                                  rank=rank, alpha=alpha, components=components)
-        return save_lora(Path(dst), components, {**{k: v for k, v in meta.items() if k.startswith("studio.")}, **new_meta})
-    raise LoraFormatError(f"Unknown target format {to!r}: use 'diffusers' or 'kohya'.")
+        out = to_kohya(components, arch, float(rank), rank, models["unet"].config)
+        keep = {k: v for k, v in meta.items() if k != ADAPTER_META_KEY}
+        keep.update({"studio.base_arch": arch, "studio.alpha": str(rank), "studio.rank": str(rank)})
+        keep.setdefault("modelspec.title", Path(dst).stem)
+        return write_kohya_export(Path(dst), out, keep)
+    new_meta = build_metadata(arch=arch, method=meta.get("studio.method", "imported"), name=Path(dst).stem,
+                              rank=rank, alpha=float(rank), components=components)
+    kept = {k: v for k, v in meta.items() if k.startswith(("studio.", "modelspec.")) and k not in new_meta}
+    kept.setdefault("studio.base_model", folder.name if folder.parent.name == "assets" else "")
+    return save_lora(Path(dst), components, {**kept, **new_meta, "studio.alpha": str(rank)})

@@ -535,7 +535,7 @@ def fuse_into_pipeline(pipe, sources: list, *, weights: list[float] | None = Non
         comp, module = key.split(".", 1)
         model = getattr(pipe, comp, None)
         try:
-            mod = model.get_submodule(module)
+            mod = model.get_submodule(lora_io.model_module(model, module))
         except (AttributeError, TypeError) as exc:
             raise MergeRefusedError(f"{key} does not exist in this pipeline: the LoRA was made for another base.") from exc
         lin = getattr(mod, "base_layer", mod)

@@ -9,8 +9,8 @@ only name files they upload or library entries; ``--allow-folder DIR`` (repeatab
 from __future__ import annotations
 
 import argparse
-import sys
 import os
+import sys
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")

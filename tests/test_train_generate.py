@@ -1,5 +1,7 @@
 """DreamBooth-LoRA end to end on the bundled tiny SD1.5 model: train, save, reload, export, resume, stop, errors."""
 
+import json
+import os
 import subprocess
 import sys
 
@@ -98,7 +100,15 @@ def test_metadata_and_sidecar(trained):
     kinfo = lora_io.inspect(ws.exports / "emblem.kohya.safetensors")
     assert kinfo["format"] == "kohya" and all(k.startswith("lora_unet_") for k in
                                                lora_io.read_header(ws.exports / "emblem.kohya.safetensors")[0])
-    assert ws.read_sidecar("emblem")["trigger"] == "zwx"
+    assert ws.read_sidecar("emblem")["trigger"] == "zwx" and ws.read_sidecar("emblem")["activation text"] == "zwx"
+    a1111 = json.loads((ws.exports / "emblem.kohya.json").read_text())  # A1111's sidecar beside the export
+    assert a1111["activation text"] == "zwx" and a1111["sd version"] == "SD1" and "preferred weight" in a1111
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (ws.exports / "emblem.kohya.safetensors").stat().st_mode & 0o777 == 0o666 & ~mask  # umask, not 0600
+    kmeta = lora_io.read_header(ws.exports / "emblem.kohya.safetensors")[1]
+    assert kmeta["ss_resolution"].startswith("(") and "zwx" in kmeta["ss_tag_frequency"]
+    assert kmeta["modelspec.hash_sha256"].startswith("0x") and len(kmeta["sshs_model_hash"]) == 64
     assert [c["name"] for c in ws.list_loras()] == ["emblem"]
 
 

@@ -45,6 +45,12 @@ class DreamBoothRecipe:
             from studio.errors import InputError
 
             raise InputError(f"target_modules {missing} do not exist in this UNet.")
+        unnamed = lora_io.unnamed_targets(pipe, cfg.targets)
+        if unnamed:
+            from studio.errors import InputError
+
+            raise InputError(f"target_modules {cfg.targets} pick {len(unnamed)} layers (e.g. {unnamed[0]}) that have no "
+                             "kohya/A1111/ComfyUI name, so the LoRA could not be exported for other tools: leave them out.")
 
     def unet_targets(self, pipe, cfg: TrainConfig) -> list[str]:
         return cfg.targets
@@ -68,6 +74,7 @@ class DreamBoothRecipe:
             "steps": str(info["steps"]),
             "dataset_size": str(info["dataset_size"]),
             "dataset_hash": info.get("dataset_hash", ""),
+            "tag_frequency": info.get("tag_frequency", {}),
             "layers_per_block": json.dumps(pipe.unet.config.layers_per_block),
             "base_model": getattr(pipe, "studio_ref", cfg.model),
             "config": to_dict(cfg),
@@ -83,14 +90,15 @@ class DreamBoothRecipe:
         """The library file, its kohya export and its JSON sidecar."""
         path = lora_io.save_lora(ws.lora_path(name), comps, meta)
         kohya = ws.exports / f"{name}.kohya.safetensors"
-        lora_io.atomic_save_safetensors(
-            kohya, lora_io.to_kohya(comps, info["arch"], cfg.lora_alpha, cfg.rank, pipe.unet.config.layers_per_block),
-            lora_io.kohya_metadata(meta),
-        )
+        lora_io.write_kohya_export(
+            kohya, lora_io.to_kohya(comps, info["arch"], cfg.lora_alpha, cfg.rank, pipe.unet.config), meta)
         ws.write_sidecar(name, {"name": name, "method": cfg.method, "architecture": info["arch"], "trigger": cfg.trigger,
                                 "recommended_weight": cfg.recommended_weight, "config": to_dict(cfg),
                                 **{k: v for k, v in info.items() if k != "arch"}, "kohya_export": str(kohya),
-                                "role": meta.get("studio.role", "subject"), "source": meta.get("studio.source", "")})
+                                "role": meta.get("studio.role", "subject"), "source": meta.get("studio.source", ""),
+                                # what A1111 reads from <name>.json beside a LoRA file
+                                **{k: v for k, v in lora_io.a1111_sidecar(meta).items()
+                                   if k in ("activation text", "preferred weight", "sd version")}})
         return [path, kohya]
 
     def save(self, pipe, cfg: TrainConfig, ws: Workspace, info: dict, final: bool) -> list[Path]:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from studio.config import TrainConfig, to_dict
 from studio.errors import CancelledError, InputError, StudioError, TrainingError
 from studio.library import Workspace
+from studio.lora_io import tag_frequency
 from studio.safety import check_finite_tensors, check_free_space, check_writable, disk_errors
 from studio.models import ARCH_SDXL, architecture, default_resolution, load_pipeline
 
@@ -487,7 +488,8 @@ def train(cfg: TrainConfig, recipe: Recipe, ws: Workspace, *, pipe=None, events:
     noise_offset = cfg.noise_offset if cfg.noise_offset >= 0 else (0.0357 if arch == ARCH_SDXL else 0.0)
     sched = pipe.scheduler
     info = {"arch": arch, "resolution": resolution, "dataset_size": len(refs), "mixed_precision": mp,
-            "dataset_hash": _dataset_hash(refs)}
+            "dataset_hash": _dataset_hash(refs),
+            "tag_frequency": tag_frequency({ws.resolve_dataset(cfg.images).name: [e.prompt for e in examples if not e.is_class]})}
     outputs: list[Path] = []
     rate = _Rate()
     main = accelerator.is_main_process

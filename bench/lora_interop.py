@@ -1,0 +1,173 @@
+"""Measure which share of a LoRA file's tensors each client applies (the README's "Loads in" table).
+
+    python bench/lora_interop.py --kohya /tmp/sd-scripts --comfyui /tmp/ComfyUI [--json bench/lora_interop.json]
+
+Outgoing: a studio LoRA on tiny-sd / tiny-sdxl (all UNet layer kinds + CLIP, random weights), exported as kohya and as
+diffusers files, then read by kohya sd-scripts' ``create_network_from_weights`` + ``load_state_dict`` (the network it
+builds for the bundled model: diffusers UNet for SD1.5, kohya's own SDXL blocks for SDXL), by ComfyUI's
+``model_lora_keys_*`` key maps and by plain diffusers ``load_lora_weights``. Incoming: the client-made fixtures in
+``tests/fixtures/interop`` read by plain diffusers and by the studio. "applied" counts modules whose B·A lands on a
+layer with the scale the file asks for (diffusers, studio) or tensors the client matched to a layer (kohya, ComfyUI).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import types
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "scripts"), str(ROOT / "tests")]
+
+ALL_UNET = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2",
+            "conv_shortcut", "time_emb_proj"]
+TE = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+def studio_lora(model: str, out: Path) -> dict[str, Path]:
+    from peft import LoraConfig
+
+    from studio import lora_io
+    from studio.models import architecture, load_pipeline
+
+    pipe = load_pipeline(model)
+    arch = architecture(pipe)
+    gen = torch.Generator().manual_seed(0)
+    pipe.unet.add_adapter(LoraConfig(r=2, lora_alpha=1, target_modules=ALL_UNET))
+    comps = {}
+    for comp, m in lora_io.lora_models(pipe).items():
+        if comp != "unet":
+            m.add_adapter(LoraConfig(r=2, lora_alpha=1, target_modules=TE))
+        for n, p in m.named_parameters():
+            if "lora_" in n:
+                p.data = torch.randn(p.shape, generator=gen) * 0.1
+        comps[comp] = lora_io.adapter_state(m)
+    meta = lora_io.build_metadata(arch=arch, method="bench", name=model, rank=2, alpha=1.0, components=comps,
+                                  extra={"base_model": model})
+    files = {"studio diffusers file": lora_io.save_lora(out / f"{model}.safetensors", comps, meta),
+             "studio kohya export": lora_io.write_kohya_export(
+                 out / f"{model}.kohya.safetensors", lora_io.to_kohya(comps, arch, 1.0, 2, pipe.unet.config), meta)}
+    return files
+
+
+def placed_share(pipe, path: Path, load) -> str:
+    from test_lora_interop import _client_modules, _lora_layers
+
+    try:
+        load(pipe, path)
+    except Exception as exc:  # noqa: BLE001 - a client failing is a result
+        pipe.unload_lora_weights()
+        return f"fails ({type(exc).__name__})"
+    layers = _lora_layers(pipe, "m")
+    modules = _client_modules(path)
+    if path.name.startswith(("tiny", "toy")) and not path.name.endswith(".kohya.safetensors"):
+        modules = [(d, u, 0.5) for d, u, _ in modules]  # the studio file's alpha 1 / rank 2 sits in its metadata
+    good = 0
+    for down, up, scale in modules:
+        hit = [m for _, m in layers if m.lora_A["m"].weight.numel() == down.numel()
+               and torch.equal(m.lora_A["m"].weight.detach().float().flatten(), down.flatten())]
+        if len(hit) == 1:
+            want = (up.flatten(1) @ down.flatten(1)).flatten() * scale
+            good += torch.allclose(hit[0].get_delta_weight("m").float().flatten(), want, rtol=1e-4, atol=1e-6)
+    pipe.delete_adapters(["m"])
+    pipe.unload_lora_weights()
+    return f"{100 * good / len(modules):.1f}%"
+
+
+def kohya_share(kohya: Path, arch: str, path: Path) -> str:
+    import make_interop_fixtures as mk
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    klora, kunet = mk._kohya_imports(kohya)
+    folder = ROOT / "assets" / ("tiny-sdxl" if arch == "sdxl" else "tiny-sd")
+    te = mk._TextModel4(CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder")))
+    if arch == "sdxl":
+        unet = mk._kohya_sdxl_unet(kunet, json.loads((folder / "unet" / "config.json").read_text()))
+        te = [te, CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(folder / "text_encoder_2"))]
+    else:
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
+    sd = load_file(str(path))
+    net, _ = klora.create_network_from_weights(1.0, None, None, te, unet, weights_sd=sd)
+    net.apply_to(te, unet, True, True)
+    info = net.load_state_dict(sd, False)
+    return f"{100 * (len(sd) - len(info.unexpected_keys)) / len(sd):.1f}%"
+
+
+def comfy_share(comfy: Path, arch: str, path: Path) -> str:
+    import make_interop_fixtures as mk
+
+    from studio.checkpoint import UNET_PREFIX, _renamed, base_state_dict, unet_module_map
+    from studio.lora_io import meta_models, read_header
+
+    sys.path.insert(0, str(comfy))
+    mk._stub("comfy")
+    sys.modules["comfy"].__path__ = [str(comfy / "comfy")]
+    import comfy.lora as clora
+
+    models = meta_models(ROOT / "assets" / ("tiny-sdxl" if arch == "sdxl" else "tiny-sd"), arch)
+    unet = models["unet"]
+    sdk = {k.replace("model.diffusion_model.", "diffusion_model."): None
+           for k in _renamed(base_state_dict(unet), unet_module_map(unet.config), UNET_PREFIX, "UNet")}
+    clip = {f"clip_l.transformer.{'' if k.startswith('text_model.') else 'text_model.'}{k}": None
+            for k in models["text_encoder"].state_dict()}
+    if arch == "sdxl":
+        clip.update({f"clip_g.transformer.{k}": None for k in models["text_encoder_2"].state_dict()})
+    model = types.SimpleNamespace(state_dict=lambda: sdk, model_config=types.SimpleNamespace(
+        unet_config=mk._comfy_unet_config(dict(unet.config))))
+    keys = clora.model_lora_keys_unet(model, {})
+    keys.update(clora.model_lora_keys_clip(types.SimpleNamespace(state_dict=lambda: clip), {}))
+    names = read_header(path)[0]
+    hit = sum(1 for k in names if k.split(".", 1)[0] in keys or k.rsplit(".lora_", 1)[0] in keys)
+    return f"{100 * hit / len(names):.1f}%"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--kohya", type=Path, required=True)
+    ap.add_argument("--comfyui", type=Path, required=True)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    from studio import lora_io
+    from studio.models import load_pipeline
+
+    tmp = Path("/tmp/studio-interop-bench")
+    tmp.mkdir(exist_ok=True)
+    import diffusers
+
+    rows = []
+    pipes = {"sd15": load_pipeline("tiny-sd"), "sdxl": load_pipeline("tiny-sdxl")}
+
+    def diff_load(p, f):
+        p.load_lora_weights(str(f), adapter_name="m")
+
+    def studio_load(p, f):
+        lora_io.load_lora(p, f, "m")
+
+    for model, arch in (("tiny-sd", "sd15"), ("tiny-sdxl", "sdxl")):
+        for what, path in studio_lora(model, tmp).items():
+            rows.append({"client": f"diffusers {diffusers.__version__}", "file": f"{what} ({model})",
+                         "applied": placed_share(pipes[arch], path, diff_load)})
+            if "kohya" in what:
+                rows.append({"client": "kohya sd-scripts networks/lora.py", "file": f"{what} ({model})",
+                             "applied": kohya_share(args.kohya, arch, path)})
+                rows.append({"client": "ComfyUI comfy/lora.py key maps", "file": f"{what} ({model})",
+                             "applied": comfy_share(args.comfyui, arch, path)})
+    fix = ROOT / "tests" / "fixtures" / "interop"
+    for path in sorted(fix.glob("*.safetensors")):
+        arch = "sdxl" if "sdxl" in path.name else "sd15"
+        for client, load in ((f"diffusers {diffusers.__version__}", diff_load), ("studio", studio_load)):
+            rows.append({"client": client, "file": f"fixture {path.name}", "applied": placed_share(pipes[arch], path, load)})
+    for r in rows:
+        print(f"| {r['client']} | {r['file']} | {r['applied']} |")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
