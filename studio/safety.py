@@ -148,8 +148,3 @@ class Reservations:
                 if o == old:
                     self._held[n] = new
 
-
-def finite_config(cfg, fields: dict[str, tuple[float | None, float | None]]) -> None:
-    """Check the float fields of a config: finite and within (lo, hi); ``lo`` exclusive when given as a tuple."""
-    for name, (lo, hi) in fields.items():
-        check_number(getattr(cfg, name), name, lo, hi)

@@ -175,6 +175,7 @@ def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(ws):
     with pytest.raises(TrainingError, match="loss became"):
         train(_cfg(name="boom", steps=6, lr=1e30, checkpoint_every=1, snr_gamma=0), DreamBoothRecipe(), ws)
     assert (ws.checkpoints / "boom" / "latest" / "state.safetensors").is_file()
+    assert not ws.lora_path("boom").exists()  # a NaN run never saves a LoRA
 
 
 def test_bad_training_inputs_leave_library_intact(trained, tmp_path):
