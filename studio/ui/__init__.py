@@ -1,4 +1,4 @@
-"""The Gradio studio: Train, Library, Generate & compose, Jobs. No business logic here: see ``actions.py``.
+"""The Gradio studio: Train, Library, Generate (and compose), Jobs. No business logic here: see ``actions.py``.
 
 ``build_demo(services)`` returns the Blocks app; ``launch(demo, ...)`` binds 127.0.0.1 with analytics off and an
 offline theme (no remote fonts). Named API endpoints: /train, /job_status, /generate, /compose, /list_loras.
@@ -19,6 +19,10 @@ CSS = """
 #train-status, #gen-status {font-size: 1.05em}
 /* small images (toy-xl draws 64 px) are enlarged crisp, never cropped */
 .pixelated img, .pixelated canvas {image-rendering: pixelated; object-fit: contain !important}
+.pixelated .grid-container {grid-template-columns: repeat(auto-fill, minmax(150px, 1fr)) !important}
+#gen-gallery .grid-container {grid-template-columns: repeat(auto-fill, minmax(200px, 1fr)) !important}
+.pixelated .thumbnail-item {aspect-ratio: 1 / 1; height: auto !important}
+.pixelated .thumbnail-item img {width: 100%; height: 100%}
 .studio-progress {position: relative; height: 22px; border-radius: 6px; background: var(--neutral-200); overflow: hidden}
 .studio-progress-fill {position: absolute; inset: 0 auto 0 0; background: var(--color-accent); transition: width .4s}
 .studio-progress span {position: relative; padding-left: 8px; font-size: 0.9em; line-height: 22px}
@@ -28,7 +32,12 @@ CSS = """
 @media (max-width: 640px) {
   .gen-lora-row {gap: 4px !important}
   .gen-lora-row > * {min-width: 45% !important}
-  #gen-gallery {height: 240px !important}
+  .gen-lora-row input[type=range], .gen-lora-row .min_value, .gen-lora-row .max_value {display: none}
+  .gen-lora-row [data-testid=block-info], .gen-lora-row .reset-button {display: none}
+  .gen-lora-row .block {padding: 4px 6px !important}
+  #studio-title .studio-hint {display: none}
+  #gen-gallery, #gen-gallery .grid-wrap {height: 240px !important}
+  #gen-examples .gallery-item div {white-space: nowrap !important; overflow: hidden; text-overflow: ellipsis; max-width: 300px}
 }
 """
 
@@ -54,7 +63,7 @@ def build_demo(services: Services) -> gr.Blocks:
                 train_ui = train_tab.build(services, last_job)
             with gr.Tab("Library", id="library") as lib_tab:
                 lib_ui = library_tab.build(services)
-            with gr.Tab("Generate & compose", id="generate") as gen_tab:
+            with gr.Tab("Generate", id="generate") as gen_tab:
                 gen_ui = generate_tab.build(services)
             with gr.Tab("Jobs", id="jobs") as jobs_t:
                 jobs_ui = jobs_tab.build(services)

@@ -18,9 +18,8 @@ from .hints import model_hints, output_size
 
 N_ROWS = 4
 N_VISIBLE_ROWS = 2
-ENGINES = [("merge — fast, blends every LoRA everywhere", "merge"),
-           ("composer — each subject in its region, about 2× the time", "composer"),
-           ("clora — regions found from attention, about 4× the time", "clora")]
+ENGINES = [("merge · fast, blends everywhere", "merge"), ("composer · regions, 2× time", "composer"),
+           ("clora · regions from attention, 4× time", "clora")]
 REGIONS = regions.REGIONS
 BOXES = regions.BOXES
 
@@ -30,13 +29,13 @@ def build(services: Services) -> dict:
     ph = hints["placeholders"]
     gen_defaults = hints.get("generate_defaults", {})
     res_w, res_h = output_size(services.model, 0, 0)
-    gr.Markdown("<span class='studio-hint'>Pick a LoRA in a row to use it (weight 0 or an empty row leaves it out). "
-                "Write <code>&lt;lora:name&gt;</code> in the prompt to insert that LoRA's trigger word.</span>")
     with gr.Row(equal_height=False):
         with gr.Column(scale=3, min_width=320):
-            prompt = gr.Textbox(label="Prompt", lines=2, placeholder=ph.get("prompt", ""), elem_id="gen-prompt")
+            prompt = gr.Textbox(label="Prompt", lines=2, placeholder=ph.get("prompt", ""), elem_id="gen-prompt",
+                                info="<lora:name> writes that LoRA's trigger word. A LoRA picked below is used; "
+                                     "weight 0 leaves it out.")
             if hints.get("examples"):
-                gr.Examples(examples=[[e] for e in hints["examples"]], inputs=[prompt], label=f"Prompts {services.model} draws well",
+                gr.Examples(examples=[[e] for e in hints["examples"]], inputs=[prompt], elem_id="gen-examples", label=f"Prompts {services.model} draws well",
                             examples_per_page=4)
             rows = [_lora_row(i) for i in range(N_VISIBLE_ROWS)]
             with gr.Accordion("More LoRAs", open=False, elem_id="gen-more-loras"):
@@ -47,12 +46,13 @@ def build(services: Services) -> dict:
                 go = gr.Button("Generate", variant="primary", elem_id="gen-go", scale=3)
                 stop = gr.Button("Stop", elem_id="gen-stop", scale=1, min_width=80)
             status = gr.Markdown(elem_id="gen-status")
-            with gr.Accordion("Settings: negative prompt, seed, steps, size", open=False, elem_id="gen-settings"):
+            with gr.Accordion("Settings: seed, steps, size, negative", open=False, elem_id="gen-settings"):
                 negative = gr.Textbox(label="Negative prompt", placeholder=ph.get("negative_prompt", ""), elem_id="gen-negative",
                                       info="What the image should not show.")
                 with gr.Row():
                     seed = gr.Textbox(value="-1", label="Seed", info="-1 picks a random one; reuse a seed to repeat an image.",
                                       elem_id="gen-seed", min_width=120)
+                    used_seed = gr.Textbox(label="Last used seed", interactive=False, elem_id="gen-used-seed", min_width=120)
                     steps = gr.Slider(1, 100, value=int(gen_defaults.get("steps", 25)), step=1, label="Steps",
                                       info="More steps: finer detail, longer wait.", elem_id="gen-steps", min_width=140)
                     guidance = gr.Slider(0, 20, value=float(gen_defaults.get("guidance", 7.0)), step=0.5, label="Guidance",
@@ -61,7 +61,7 @@ def build(services: Services) -> dict:
                     width = gr.Number(value=0, precision=0, label=f"Width (0 = {res_w} px, the model's size)", elem_id="gen-width",
                                       min_width=120)
                     height = gr.Number(value=0, precision=0, label=f"Height (0 = {res_h} px)", elem_id="gen-height", min_width=120)
-            with gr.Accordion("B-LoRA style transfer: content of one image, style of another", open=False):
+            with gr.Accordion("B-LoRA style transfer", open=False):
                 gr.Markdown("<span class='studio-hint'>Train B-LoRAs (method blora) on one image each, then pick the "
                             "content of one and the style of another. Write [c] and [s] in the prompt for their tokens, "
                             "e.g. 'A [c] in [s] style'.</span>")
@@ -73,18 +73,16 @@ def build(services: Services) -> dict:
                     bl_sw = gr.Slider(0, 2, value=1.0, step=0.05, label="style weight", elem_id="gen-blora-style-weight")
                 bl_blocks = gr.Checkbox(label="Per-block prompts (content block sees only 'A [c]', paper supplement)",
                                         elem_id="gen-blora-blocks")
-            with gr.Accordion("DECOR: remove a meaning from the prompt", open=False):
+            with gr.Accordion("DECOR: remove a meaning", open=False):
                 decor_remove = gr.Textbox(label="Remove (text)", placeholder=ph.get("decor_remove", ""),
                                           info="Projects this text's meaning out of the prompt embeddings (DECOR).",
                                           elem_id="gen-decor-remove")
                 decor_strength = gr.Slider(0, 1, value=1.0, step=0.05, label="DECOR strength", elem_id="gen-decor-strength",
                                            info="1 removes it fully, 0 leaves the prompt as it is.")
         with gr.Column(scale=2, min_width=300):
-            gallery = gr.Gallery(label="Results (PNG with parameters; shown enlarged, true size in the caption)", columns=2,
-                                 height=300, object_fit="contain", format="png", elem_id="gen-gallery",
+            gallery = gr.Gallery(label="Results (true size in the caption)", columns=2, height=320, object_fit="contain", format="png", elem_id="gen-gallery",
                                  elem_classes=["pixelated"])
-            used_seed = gr.Textbox(label="Used seed", interactive=False, elem_id="gen-used-seed")
-            with gr.Accordion("Regions (composer and clora)", open=True, elem_id="gen-regions-box"):
+            with gr.Accordion("Regions (composer and clora)", open=False, elem_id="gen-regions-box") as regions_box:
                 gr.HTML(regions.legend_html())
                 editor = gr.ImageEditor(
                     label="Paint the subjects' regions", type="numpy", canvas_size=regions.canvas_size(res_w, res_h),
@@ -95,11 +93,11 @@ def build(services: Services) -> dict:
                 region_preview = gr.Image(label="Regions over the last image", interactive=False, height=200, format="png",
                                           elem_id="gen-region-preview", elem_classes=["pixelated"], buttons=[])
             masks = gr.Gallery(label="Attention masks (clora)", columns=4, height=120, elem_id="gen-masks",
-                               elem_classes=["pixelated"], object_fit="contain")
-            with gr.Row():
+                               elem_classes=["pixelated"], object_fit="contain", visible=False)
+            with gr.Accordion("Reuse settings from an image", open=False, elem_id="gen-reuse-box"):
                 reuse = gr.Button("Reuse settings of the selected result", elem_id="gen-reuse", size="sm")
-            reuse_png = gr.File(label="…or drop any studio PNG here to reuse its settings", file_types=[".png"], height=90,
-                                elem_id="gen-reuse-png")
+                reuse_png = gr.File(label="…or drop any studio PNG here (engine, regions and roles come back too)",
+                                    file_types=[".png"], height=90, elem_id="gen-reuse-png")
     job_id = gr.State(None)
     selected_image = gr.State(None)
     last_image = gr.State(None)
@@ -192,12 +190,14 @@ def build(services: Services) -> dict:
                                *output_size(services.model, wd, ht))
         yield (jid, f"Done in {job['finished'] - job['started']:.1f} s." + note,
                widgets.sized(outs, f"seed {res.get('seed', '')}"), str(res.get("seed", "")),
-               widgets.sized(res.get("masks", [])), last, prev)
+               gr.update(value=widgets.sized(res.get("masks", [])), visible=bool(res.get("masks"))), last, prev)
 
     go.click(on_go, inputs=[prompt, negative, engine, decor_remove, decor_strength, seed, steps, guidance, width, height, editor,
                             bl_content, bl_cw, bl_style, bl_sw, bl_blocks, *row_inputs],
              outputs=[job_id, status, gallery, used_seed, masks, last_image, region_preview], api_visibility="private",
-             concurrency_limit=None)
+             concurrency_limit=None, show_progress="minimal", show_progress_on=status)  # earlier results stay visible
+    engine.change(lambda e: gr.Accordion(open=True) if e != "merge" else gr.skip(), inputs=engine, outputs=regions_box,
+                  api_visibility="private", show_progress="hidden")
     stop.click(lambda j: services.store.request(j, "stop") if j else None, inputs=job_id, api_visibility="private")
 
     def on_regions(ed, wd, ht, last, *row_vals):
@@ -242,10 +242,10 @@ def build(services: Services) -> dict:
 
 def _lora_row(i: int) -> tuple:
     with gr.Row(equal_height=True, elem_classes=["gen-lora-row"]):
-        dd = gr.Dropdown(choices=[], value=None, label=f"LoRA {i + 1}", scale=3, min_width=150, elem_id=f"gen-lora-{i}")
-        w = gr.Slider(-1, 2, value=1.0, step=0.05, label="weight", scale=2, min_width=110, elem_id=f"gen-lora-{i}-weight")
-        role = gr.Dropdown(["subject", "style"], value="subject", label="role", scale=1, min_width=90, elem_id=f"gen-lora-{i}-role")
-        region = gr.Dropdown(regions.region_choices(), value=regions.EVERYWHERE, label="region", scale=1, min_width=110,
+        dd = gr.Dropdown(choices=[], value=None, label=f"LoRA {i + 1}", scale=4, min_width=150, elem_id=f"gen-lora-{i}")
+        w = gr.Slider(-1, 2, value=1.0, step=0.05, label="weight", scale=3, min_width=110, elem_id=f"gen-lora-{i}-weight")
+        role = gr.Dropdown(["subject", "style"], value="subject", label="role", scale=2, min_width=100, elem_id=f"gen-lora-{i}-role")
+        region = gr.Dropdown(regions.region_choices(), value=regions.EVERYWHERE, label="region", scale=3, min_width=130,
                              elem_id=f"gen-lora-{i}-region")
     return dd, w, role, region
 

@@ -44,7 +44,7 @@ def metadata_table(card: dict) -> str:
             ("SHA-256", (card.get("sha256") or "")[:12]), ("Source", card.get("source")),
             ("Description", card.get("description")), ("Problem", card.get("error"))]
     body = "\n".join(f"| {k} | {str(v).replace('|', '/')} |" for k, v in rows if v not in (None, ""))
-    return "| | |\n|---|---|\n" + body
+    return "| Field | Value |\n|---|---|\n" + body
 
 
 def build(services: Services) -> dict:
@@ -61,7 +61,7 @@ def build(services: Services) -> dict:
                                      allow_custom_value=True, elem_id="library-filter-role", min_width=100)
                 f_arch = gr.Dropdown([FILTER_ALL, "sd15", "sdxl"], value=FILTER_ALL, label="Base model",
                                      elem_id="library-filter-arch", min_width=100)
-            cards = gr.Gallery(label="LoRAs", columns=[2, 3, 4], height="auto", allow_preview=False, object_fit="contain",
+            cards = gr.Gallery(label="LoRAs", columns=4, height=400, allow_preview=False, object_fit="contain",
                                elem_id="library-cards", elem_classes=["pixelated", "library-grid"])
             shown = gr.State([])
             table = gr.Dataframe(headers=COLUMNS, interactive=False, label="Details", elem_id="library-table", wrap=True)

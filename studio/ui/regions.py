@@ -100,8 +100,12 @@ def save_mask(mask: np.ndarray, folder: Path, label: str, width: int, height: in
 
 
 def region_masks(rows: list[tuple[str, str]], painted: dict[str, np.ndarray], width: int, height: int) -> list[tuple[str, np.ndarray, str]]:
-    """(label, uint8 mask at output size, colour) for each (lora, region) row that has a region."""
-    out = []
+    """(label, uint8 mask at output size, colour): every painted subject, then the box of each (lora, region) row."""
+    users = {}
+    for lora, region in rows:
+        users.setdefault(region, []).append(lora)
+    out = [(f"{s}: {', '.join(users.get(s, [])) or 'no row uses it'}", scale_mask(m, width, height), COLORS[s])
+           for s, m in painted.items()]
     palette = list(COLORS.values())
     for i, (lora, region) in enumerate(rows):
         if region in BOXES:
@@ -111,8 +115,6 @@ def region_masks(rows: list[tuple[str, str]], painted: dict[str, np.ndarray], wi
             xs = (np.arange(width) + 0.5) / width
             m[np.ix_((ys >= y0) & (ys < y1), (xs >= x0) & (xs < x1))] = 255
             out.append((f"{lora}: {region}", m, palette[i % len(palette)]))
-        elif region in painted:
-            out.append((f"{lora}: {region}", scale_mask(painted[region], width, height), COLORS[region]))
     return out
 
 

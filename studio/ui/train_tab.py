@@ -74,10 +74,13 @@ def samples_of(steps: int, every: int) -> int:
 
 
 def infer_preset(method: str, values: dict) -> str | None:
-    for name, p in actions.PRESETS.get(method, actions.PRESETS["dreambooth"]).items():
+    """The preset a job was most likely started with: all its values match, else its rank alone (steps edited)."""
+    presets = actions.PRESETS.get(method, actions.PRESETS["dreambooth"])
+    for name, p in presets.items():
         if all(values.get(k) == v for k, v in p.items()):
             return name
-    return None
+    by_rank = [name for name, p in presets.items() if p.get("rank") == values.get("rank")]
+    return by_rank[0] if len(by_rank) == 1 else None
 
 
 def build(services: Services, last_job: gr.BrowserState) -> dict:
@@ -183,7 +186,8 @@ def build(services: Services, last_job: gr.BrowserState) -> dict:
         return jid, jid, gr.Timer(active=True), "Queued…"
 
     start.click(on_start, inputs=[files, method, name, n_samples] + [widgets[n] for n in names],
-                outputs=[job_id, last_job, timer, status], api_visibility="private", concurrency_limit=None)
+                outputs=[job_id, last_job, timer, status], api_visibility="private", concurrency_limit=None,
+                show_progress_on=status)
 
     def flag(what):
         def fn(jid):

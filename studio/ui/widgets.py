@@ -81,7 +81,7 @@ def sized(paths: list[str], label: str = "") -> list[tuple[str, str]]:
     for p in paths:
         size = image_size(p)
         cap = f"{size[0]}×{size[1]} px" if size else ""
-        out.append((p, f"{label} · {cap}" if label and cap else label or cap))
+        out.append((p, f"{cap} · {label}" if label and cap else label or cap))
     return out
 
 
