@@ -112,12 +112,7 @@ def build(services: Services) -> dict:
         return [gr.update(choices=choices) for _ in range(N_ROWS)] + [gr.update(choices=content), gr.update(choices=style)]
 
     def active_rows(row_vals) -> list[dict]:
-        out = []
-        for i in range(N_ROWS):
-            name, w, role, region = row_vals[i * 4:(i + 1) * 4]
-            if name and float(w or 0) != 0:
-                out.append({"lora": name, "weight": float(w), "role": role or "subject", "region": region or regions.EVERYWHERE})
-        return out
+        return picked_rows([tuple(row_vals[i * 4:(i + 1) * 4]) for i in range(N_ROWS)])
 
     def check_triggers(*row_vals):
         warns = widgets.shared_triggers(active_rows(row_vals), actions.lora_cards(services))
@@ -148,23 +143,11 @@ def build(services: Services) -> dict:
             yield fail("the seed must be a whole number (or -1 for random).")
             return
         common = dict(seed=seed_v, steps=int(st), guidance=float(g), width=int(wd or 0), height=int(ht or 0))
-        cards = actions.lora_cards(services)
-        active = active_rows(row_vals)
+        blora = {"content": {"lora": bc, "weight": float(bcw)} if bc else None,
+                 "style": {"lora": bs, "weight": float(bsw)} if bs else None, "block_prompts": bool(bb)} if bc or bs else None
         try:
-            text, tagged = widgets.expand_lora_tags(p, cards)
-            for t in tagged:
-                if not any(a["lora"] == t["lora"] for a in active):
-                    active.append({**t, "role": "subject", "region": regions.EVERYWHERE})
-            notes = widgets.shared_triggers(active, cards)
-            if eng == "merge" or bc or bs:
-                cfg = dict(prompt=text, negative_prompt=neg, loras=[{"lora": a["lora"], "weight": a["weight"]} for a in active],
-                           decor_remove=dr, decor_strength=float(ds), **common)
-                if bc or bs:
-                    cfg["blora"] = {"content": {"lora": bc, "weight": float(bcw)} if bc else None,
-                                    "style": {"lora": bs, "weight": float(bsw)} if bs else None, "block_prompts": bool(bb)}
-                jid = actions.submit_generate(services, cfg)
-            else:
-                jid = actions.submit_compose(services, _spec(services, text, neg, eng, active, ed, dr, ds, common))
+            kind, cfg, notes, active = build_request(services, p, neg, eng, active_rows(row_vals), ed, dr, ds, common, blora)
+            jid = (actions.submit_generate if kind == "generate" else actions.submit_compose)(services, cfg)
         except actions.StudioError as exc:
             yield fail(str(exc))
             return
@@ -238,6 +221,38 @@ def build(services: Services) -> dict:
     reuse.click(on_reuse, inputs=selected_image, outputs=reuse_outputs, api_visibility="private")
     reuse_png.upload(on_reuse, inputs=reuse_png, outputs=reuse_outputs, api_visibility="private")
     return {"refresh": refresh, "refresh_outputs": [r[0] for r in rows] + [bl_content, bl_style]}
+
+
+def picked_rows(rows: list[tuple]) -> list[dict]:
+    """The rows that take part: a LoRA is picked and its weight is not 0 (no separate "use" tick box)."""
+    out = []
+    for name, w, role, region in rows:
+        if name and float(w or 0) != 0:
+            out.append({"lora": name, "weight": float(w), "role": role or "subject", "region": region or regions.EVERYWHERE})
+    return out
+
+
+def build_request(services: Services, prompt, negative, engine, active, editor_value, decor_remove, decor_strength,
+                  common: dict, blora: dict | None = None) -> tuple[str, dict, list[str], list[dict]]:
+    """("generate" | "compose", config, warnings, rows) for the Generate button.
+
+    ``<lora:name>`` tags become the LoRA's trigger and pick the LoRA when no row has it; merge (and B-LoRA) runs as
+    a plain generation, composer/clora as a composition with the rows' regions."""
+    cards = actions.lora_cards(services)
+    text, tagged = widgets.expand_lora_tags(prompt, cards)
+    active = list(active)
+    for t in tagged:
+        if not any(a["lora"] == t["lora"] for a in active):
+            active.append({**t, "role": "subject", "region": regions.EVERYWHERE})
+    notes = widgets.shared_triggers(active, cards)
+    if engine == "merge" or blora:
+        cfg = dict(prompt=text, negative_prompt=negative, loras=[{"lora": a["lora"], "weight": a["weight"]} for a in active],
+                   decor_remove=decor_remove, decor_strength=float(decor_strength), **common)
+        if blora:
+            cfg["blora"] = blora
+        return "generate", cfg, notes, active
+    return "compose", _spec(services, text, negative, engine, active, editor_value, decor_remove, decor_strength, common), \
+        notes, active
 
 
 def _lora_row(i: int) -> tuple:

@@ -66,7 +66,9 @@ def sample_every(steps: int, samples: int) -> int:
     if samples <= 0 or steps <= 0:
         return 0
     every = max(1, -(-steps // samples))
-    return every + 1 if steps % every == 0 and every < steps else every
+    while every < steps and steps % every == 0:  # the last step's sample is the final preview anyway
+        every += 1
+    return every
 
 
 def samples_of(steps: int, every: int) -> int:
