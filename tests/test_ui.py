@@ -302,7 +302,7 @@ def test_queue_line_says_what_a_job_waits_for():
     assert "3rd in the queue" in line and "training **kavo**" in line and "step 40/300" in line and "1 more job ahead" in line
     assert "Starts in about 2 min" in line
     table = rows(jobs)
-    assert table[0][5].startswith("#3 · behind training kavo") and table[2][5] == "ETA 2 min"
+    assert table[0][5] == "#3 · behind training kavo · starts in ~2 min" and table[2][5] == "ETA 2 min"
 
 
 def test_reuse_settings_from_a_composition_png(tmp_path):

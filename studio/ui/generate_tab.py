@@ -35,7 +35,8 @@ def build(services: Services) -> dict:
                                 info="<lora:name> writes that LoRA's trigger word. A LoRA picked below is used; "
                                      "weight 0 leaves it out.")
             if hints.get("examples"):
-                gr.Examples(examples=[[e] for e in hints["examples"]], inputs=[prompt], elem_id="gen-examples", label=f"Prompts {services.model} draws well",
+                gr.Examples(examples=[[e] for e in hints["examples"]], inputs=[prompt], elem_id="gen-examples",
+                            label=f"Prompts {services.model} draws well",
                             examples_per_page=4)
             rows = [_lora_row(i) for i in range(N_VISIBLE_ROWS)]
             with gr.Accordion("More LoRAs", open=False, elem_id="gen-more-loras"):
@@ -80,8 +81,8 @@ def build(services: Services) -> dict:
                 decor_strength = gr.Slider(0, 1, value=1.0, step=0.05, label="DECOR strength", elem_id="gen-decor-strength",
                                            info="1 removes it fully, 0 leaves the prompt as it is.")
         with gr.Column(scale=2, min_width=300):
-            gallery = gr.Gallery(label="Results (true size in the caption)", columns=2, height=320, object_fit="contain", format="png", elem_id="gen-gallery",
-                                 elem_classes=["pixelated"])
+            gallery = gr.Gallery(label="Results (true size in the caption)", columns=2, height=320, object_fit="contain",
+                                 format="png", elem_id="gen-gallery", elem_classes=["pixelated"])
             with gr.Accordion("Regions (composer and clora)", open=False, elem_id="gen-regions-box") as regions_box:
                 gr.HTML(regions.legend_html())
                 editor = gr.ImageEditor(

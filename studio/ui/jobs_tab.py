@@ -22,7 +22,11 @@ def rows(jobs: list[dict]) -> list[list]:
         if j["status"] == "queued":
             st = W.queue_state(jobs, j["id"])
             ahead = st["ahead"][0] if st["ahead"] else None
-            waits = (f"#{st['position']} · behind {W.job_title(ahead).replace('**', '')}" if ahead else "next")
+            if ahead:
+                what = f"training {ahead['config'].get('name', '')}" if ahead["kind"] == "train" else ahead["kind"]
+                waits = f"#{st['position']} · behind {what}"
+            else:
+                waits = "next"
             if st["wait_s"]:
                 waits += f" · starts in ~{W.fmt_secs(st['wait_s'])}"
         elif j["status"] == "running":

@@ -231,10 +231,28 @@ def test_newcomer_journey(app, browser):
     expect(page.locator("#gen-gallery img").first).to_be_visible()
     shot(page, root, "09-inline-error")
 
-    # ---- jobs: the list refreshes itself
+    # ---- reuse: drop the composed PNG on the page; engine, rows, roles and regions come back
+    page.locator("#gen-engine").get_by_text("merge").click()
+    page.locator("#gen-reuse-box").get_by_text("Reuse settings from an image").click()
+    page.locator("#gen-reuse-png input[type=file]").set_input_files(str(composed[0]))
+    expect(page.locator("#gen-status")).to_contain_text("Settings restored")
+    expect(page.locator("#gen-engine input[value=composer]")).to_be_checked()
+    expect(page.locator("#gen-lora-1-region input").first).to_have_value("right half")
+    expect(page.locator("#gen-lora-0-region input").first).to_have_value("Subject A (red paint)")
+    shot(page, root, "10-reused")
+
+    # ---- jobs: the list refreshes itself and says what a queued job waits for
+    from studio.ui import actions
+
     page.get_by_role("tab", name="Jobs").click()
     expect(page.locator("#jobs-table")).to_contain_text("kavo-e2e")
-    shot(page, root, "10-jobs")
+    long_job = actions.submit_training(services, sorted(str(p) for p in (root / "uploads").glob("*.png")), "dreambooth",
+                                       {"name": "long-run", "steps": 400, "rank": 2, "trigger": "lng"})
+    gen_job = actions.submit_generate(services, {"prompt": "a red star on the left", "steps": 4})
+    expect(page.locator("#jobs-table")).to_contain_text("behind training long-run", timeout=20000)  # no click needed
+    shot(page, root, "11-jobs-queue")
+    services.store.request(long_job, "stop")
+    assert actions.wait(services, gen_job, timeout=300)["status"] == "succeeded"
     page.close()
 
     # ---- a phone: the Generate tab fits in two screens
@@ -244,7 +262,7 @@ def test_newcomer_journey(app, browser):
     expect(phone.locator("#gen-go")).to_be_visible()
     height = phone.evaluate("document.documentElement.scrollHeight")
     go_y = phone.evaluate("document.querySelector('#gen-go').getBoundingClientRect().bottom + window.scrollY")
-    shot(phone, root, "11-phone-generate")
+    shot(phone, root, "12-phone-generate")
     phone.close()
     print(f"phone: generate tab {height} px tall, Generate button bottom at {go_y:.0f} px")
     assert go_y < 844 * 1.5 and height <= 2 * 844, "on a phone the Generate tab fits in two screens"
