@@ -41,6 +41,12 @@ PLAIN = {  # one-line plain descriptions where the config's help text is jargon
     "weight_decay": "Pulls weights slightly towards zero every step.",
     "max_grad_norm": "Caps each update's size, against sudden jumps (0: off).",
     "grad_accum": "Adds up several steps before one update: a larger batch for the same memory.",
+    "lr_scheduler": "How the learning rate changes over the run; constant is fine for short runs.",
+    "warmup_steps": "Steps at the start with a smaller, growing learning rate.",
+    "gradient_checkpointing": "Uses less GPU memory and trains somewhat slower.",
+    "prior_loss_weight": "How much the class images count next to your own pictures.",
+    "text_encoder_lr": "Learning rate of the text-encoder LoRA (only with 'Train text encoder').",
+    "sample_prompt": "Prompt of the sample images; empty uses the training prompt (with the trigger).",
 }
 
 
