@@ -360,3 +360,19 @@ def test_picking_a_lora_applies_it(studio):
     kind, cfg, _, _ = build_request(services, "a photo", "", "merge", picked_rows([("pick-me", 0, "subject", "everywhere")]),
                                     None, "", 1.0, dict(seed=3, steps=2, guidance=5.0, width=0, height=0))
     assert cfg["loras"] == []
+
+
+def test_library_filter_and_metadata_table():
+    from studio.ui.library_tab import filter_cards, metadata_table
+
+    cards = [{"name": "kavo-emblem", "method": "dreambooth", "role": "subject", "architecture": "sdxl", "trigger": "kvo"},
+             {"name": "neon-style", "method": "blora", "role": "style", "architecture": "sdxl", "trigger": "nen"},
+             {"name": "old-dog", "method": "dreambooth", "role": "subject", "architecture": "sd15", "trigger": "zwx"}]
+    names = lambda cs: [c["name"] for c in cs]  # noqa: E731
+    assert names(filter_cards(cards, "nen")) == ["neon-style"]  # the trigger is searched too
+    assert names(filter_cards(cards, method="dreambooth", arch="sdxl")) == ["kavo-emblem"]
+    assert names(filter_cards(cards, role="style")) == ["neon-style"] and len(filter_cards(cards)) == 3
+    table = metadata_table({**cards[0], "compatible": True, "mtime": 1_700_000_000, "sha256": "ab" * 32, "weight": 1.0})
+    assert "| Trigger word | kvo |" in table and "| Fits the loaded model | yes |" in table
+    assert "2023-11-1" in table and "abababababab |" in table  # a readable date, a short hash; no epoch seconds
+    assert "1700000000" not in table
