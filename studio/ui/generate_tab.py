@@ -258,7 +258,8 @@ def build_request(services: Services, prompt, negative, engine, active, editor_v
 
 def _lora_row(i: int) -> tuple:
     with gr.Row(equal_height=True, elem_classes=["gen-lora-row"]):
-        dd = gr.Dropdown(choices=[], value=None, label=f"LoRA {i + 1}", scale=4, min_width=150, elem_id=f"gen-lora-{i}")
+        dd = gr.Dropdown(choices=[], value=None, label=f"LoRA {i + 1}", scale=4, min_width=150, elem_id=f"gen-lora-{i}",
+                         allow_custom_value=True)  # a reused PNG may name a LoRA that is gone: the check says so inline
         w = gr.Slider(-1, 2, value=1.0, step=0.05, label="weight", scale=3, min_width=110, elem_id=f"gen-lora-{i}-weight")
         role = gr.Dropdown(["subject", "style"], value="subject", label="role", scale=2, min_width=100, elem_id=f"gen-lora-{i}-role")
         region = gr.Dropdown(regions.region_choices(), value=regions.EVERYWHERE, label="region", scale=3, min_width=130,
