@@ -275,6 +275,18 @@ def test_training_view_helpers():
     assert "width:50.0%" in progress_html(5, 10)
 
 
+def test_images_are_captioned_with_their_true_size(tmp_path):
+    from PIL import Image
+
+    from studio.ui.widgets import sample_items, sized
+
+    a, b = tmp_path / "step_000000.png", tmp_path / "step_000027.png"
+    Image.new("RGB", (64, 48)).save(a)
+    Image.new("RGB", (64, 64)).save(b)
+    assert sized([str(a)], "seed 3") == [(str(a), "64×48 px · seed 3")]
+    assert sample_items([str(a), str(b)]) == [(str(b), "64×64 px · step 27"), (str(a), "64×48 px · step 0")]
+
+
 def test_robust_eta_ignores_a_slow_step(monkeypatch):
     import trainers.loop as loop
 

@@ -222,7 +222,7 @@ def build(services: Services, last_job: gr.BrowserState) -> dict:
         if job["status"] == "failed":
             summary = f"**⚠ Training {job['config'].get('name', '')} failed:** {job['error']}"
         return (summary, W.progress_html(job["step"], job["total"], label), W.loss_frame(job["losses"]),
-                W.sized(job["samples"][::-1], ""), "\n".join(job["log"][-40:]), gr.Timer(active=not done))
+                W.sample_items(job["samples"]), "\n".join(job["log"][-40:]), gr.Timer(active=not done))
 
     outs = [status, progress, loss_plot, samples, log, timer]
     timer.tick(refresh, inputs=job_id, outputs=outs, api_visibility="private", concurrency_limit=None, show_progress="hidden")

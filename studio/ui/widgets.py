@@ -85,6 +85,15 @@ def sized(paths: list[str], label: str = "") -> list[tuple[str, str]]:
     return out
 
 
+def sample_items(paths: list[str]) -> list[tuple[str, str]]:
+    """Training samples, newest first, captioned with their size and step (files are named step_000123.png)."""
+    out = []
+    for p in reversed(paths):
+        m = re.search(r"step_(\d+)", Path(p).name)
+        out += sized([p], f"step {int(m.group(1))}" if m else "")
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ training progress
 def smooth(values: list[float], beta: float = 0.9) -> list[float]:
     """Bias-corrected exponential moving average (TensorBoard-style smoothing)."""
