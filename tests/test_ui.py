@@ -132,13 +132,260 @@ def _make_sdxl_lora(path):
 
 def test_pure_helpers():
     from studio.ui.actions import _fmt_secs, job_summary
-    from studio.ui.generate_tab import _layer_masks
 
     assert _fmt_secs(30) == "30 s" and _fmt_secs(600) == "10 min"
-    job = {"status": "running", "phase": "training", "step": 5, "total": 10, "it_s": 0.5, "eta_s": 10, "detail": "",
-           "error": "", "outputs": []}
-    assert "step 5/10" in job_summary(job) and "2.0 s/it" in job_summary(job)
-    layer = np.zeros((8, 8, 4), dtype=np.uint8)
-    layer[:, :4, 3] = 255
-    masks = _layer_masks({"layers": [layer, np.zeros((8, 8, 4), dtype=np.uint8)]})
-    assert list(masks) == ["Subject A"] and masks["Subject A"][:, :4].all() and not masks["Subject A"][:, 4:].any()
+    job = {"id": "j1", "kind": "train", "config": {"name": "my-dog", "method": "dreambooth"}, "status": "running",
+           "phase": "training", "step": 5, "total": 10, "it_s": 0.5, "eta_s": 10, "detail": "", "error": "", "outputs": []}
+    line = job_summary(job)
+    assert "step 5/10" in line and "2.0 s/it" in line and "my-dog" in line  # the status names the LoRA
+
+
+def _paint(h, w, regions_colors):
+    """An ImageEditor value whose one layer has each (x0, x1, hex colour) column band painted."""
+    layer = np.zeros((h, w, 4), dtype=np.uint8)
+    for x0, x1, color in regions_colors:
+        layer[:, x0:x1, :3] = [int(color[i:i + 2], 16) for i in (1, 3, 5)]
+        layer[:, x0:x1, 3] = 255
+    return {"background": None, "layers": [layer], "composite": None}
+
+
+def test_painted_masks_scale_to_the_output_size(tmp_path):
+    from studio.ui import regions
+
+    assert regions.canvas_size(64, 64) == (384, 384)
+    assert regions.canvas_size(1024, 768) == (384, 288)  # the canvas keeps the output's aspect ratio
+    a, b = regions.COLORS["Subject A"], regions.COLORS["Subject B"]
+    value = _paint(384, 384, [(0, 96, a), (288, 384, b)])
+    value["layers"][0][:, 96, :3] = (200, 60, 80)  # an anti-aliased edge pixel: nearest brush colour wins (A)
+    value["layers"][0][:, 96, 3] = 128
+    masks = regions.painted_masks(value)
+    assert set(masks) == {"Subject A", "Subject B"}
+    assert masks["Subject A"][:, :97].all() and not masks["Subject A"][:, 97:].any()
+    small = regions.scale_mask(masks["Subject A"], 64, 64)
+    assert small.shape == (64, 64) and small.dtype == np.uint8
+    assert (small[:, :16] == 255).all() and not small[:, 17:].any()  # nearest: no grey edge, a quarter of the width
+    path = regions.save_mask(masks["Subject B"], tmp_path, "Subject B", 64, 48)
+    from studio.composition import load_mask
+
+    m = load_mask(str(path), 64, 48, "concept 2")  # what the engines read: exactly the output size
+    assert m.shape == (48, 64) and m[:, 48:].all() and not m[:, :47].any()
+    assert regions.painted_masks({"layers": [np.zeros((8, 8, 4), np.uint8)]}) == {}
+
+
+def test_region_boxes_and_preview(tmp_path):
+    from PIL import Image
+
+    from studio.ui import regions
+
+    assert {"left half", "right half", "top half", "bottom half", "left third", "middle third", "right third"} <= set(regions.BOXES)
+    out = regions.region_masks([("a", "top half"), ("b", "everywhere")], {}, 64, 64)
+    assert len(out) == 1 and out[0][1][:32].all() and not out[0][1][32:].any()
+    base = tmp_path / "last.png"
+    Image.new("RGB", (64, 64), (0, 0, 0)).save(base)
+    prev = regions.preview(base, out, 64, 64)
+    assert prev.size == (384, 384)  # enlarged crisp for reading
+    px = np.array(prev)
+    assert px[10, 10].any() and not px[300, 10].any()  # tinted in the box, the last image elsewhere
+    assert regions.region_of([0.5, 0.0, 1.0, 1.0], 64, 64) == "right half"
+    layer = regions.layer_from_masks({"Subject B": str(regions.save_mask(np.ones((4, 4), bool), tmp_path, "B", 64, 64))}, 64, 64)
+    assert layer.shape == (384, 384, 4) and set(regions.painted_masks({"layers": [layer]})) == {"Subject B"}
+
+
+def test_trigger_tags_and_shared_triggers():
+    from studio.errors import InputError
+    from studio.ui.widgets import expand_lora_tags, insert_tag, lora_label, shared_triggers
+
+    cards = [{"name": "dog-a", "trigger": "zwx", "weight": 0.9}, {"name": "dog-b", "trigger": "zwx"},
+             {"name": "cat", "trigger": "qpk"}, {"name": "oil", "trigger": "sty"}]
+    text, picked = expand_lora_tags("a photo of <lora:dog-a> and <lora:cat:0.5> on a sofa", cards)
+    assert text == "a photo of zwx and qpk on a sofa"
+    assert picked == [{"lora": "dog-a", "weight": 0.9}, {"lora": "cat", "weight": 0.5}]
+    with pytest.raises(InputError, match="no LoRA 'nope'"):
+        expand_lora_tags("<lora:nope>", cards)
+    assert insert_tag("a photo", "cat", "qpk") == "a photo <lora:cat>"
+    assert insert_tag("a qpk on a sofa", "cat", "qpk") == "a qpk on a sofa"  # the trigger is already there
+    assert insert_tag("<lora:cat> x", "cat", "qpk") == "<lora:cat> x"
+    rows = [{"lora": "dog-a", "role": "subject"}, {"lora": "dog-b", "role": "subject"}, {"lora": "oil", "role": "style"}]
+    warns = shared_triggers(rows, cards)
+    assert len(warns) == 1 and "dog-a and dog-b" in warns[0] and "zwx" in warns[0]
+    assert shared_triggers(rows[:1] + rows[2:], cards) == []
+    assert lora_label(cards[2]) == "cat · trigger qpk"
+
+
+def test_picked_rows_are_used():
+    from studio.ui.generate_tab import picked_rows
+
+    rows = [("a", 0.8, "subject", "left half"), (None, 1.0, "subject", "everywhere"), ("b", 0, "style", "everywhere"),
+            ("c", 1.0, None, None)]
+    assert picked_rows(rows) == [{"lora": "a", "weight": 0.8, "role": "subject", "region": "left half"},
+                                 {"lora": "c", "weight": 1.0, "role": "subject", "region": "everywhere"}]
+
+
+def test_model_aware_defaults(tmp_path):
+    import json as _json
+
+    from studio.ui.actions import PRESETS, method_defaults
+    from studio.ui.hints import default_resolution, model_hints, output_size
+
+    toy = method_defaults("dreambooth", "Fast", model="toy-xl")
+    assert toy["lr"] == 1e-3 and toy["steps"] == PRESETS["dreambooth"]["Fast"]["steps"]  # bench/fast_preset_lr.py
+    assert toy["class_word"] == "emblem" and toy["instance_prompt"] == "a {trigger} {class_word}"
+    assert method_defaults("dreambooth", "Fast", model="tiny-sd")["lr"] == 1e-4  # no hints: today's values
+    assert method_defaults("dreambooth", "Fast", model="stabilityai/stable-diffusion-xl-base-1.0")["lr"] == 1e-4
+    assert method_defaults("blora", "Fast", model="toy-xl")["instance_prompt"] == "A {trigger}"  # per method
+    hints = model_hints("toy-xl")
+    assert "flat style" in hints["placeholders"]["prompt"] and all("style" in e for e in hints["examples"])
+    assert model_hints("tiny-sd")["placeholders"]["name"] == "my-dog"
+    assert default_resolution("toy-xl") == 64 and output_size("toy-xl", 0, 48) == (64, 48)
+    folder = tmp_path / "my-model"
+    folder.mkdir()
+    (folder / "studio.json").write_text(_json.dumps({"examples": ["a cat"], "presets": {"dreambooth": {"Best": {"lr": 3e-4}}}}))
+    assert model_hints(str(folder))["examples"] == ["a cat"]
+    assert method_defaults("dreambooth", "Best", model=str(folder))["lr"] == 3e-4
+    bad = tmp_path / "bad-model"
+    bad.mkdir()
+    (bad / "studio.json").write_text("{not json")
+    assert model_hints(str(bad))["examples"] == model_hints("tiny-sd")["examples"]
+
+
+def test_toy_examples_use_the_world_vocabulary():
+    from studio import toyworld as tw
+    from studio.ui.hints import model_hints
+
+    words = set(tw.SHAPES) | set(tw.COLOR_NAMES) | set(tw.STYLES) | {"plain", "striped", "dotted", "checkered", "gradient"}
+    for e in model_hints("toy-xl")["examples"]:
+        assert {w.strip(",") for w in e.split()} & set(tw.SHAPES), e
+        assert e.split(", ")[-1].split()[0] in words and e.endswith("style")
+
+
+def test_training_view_helpers():
+    from studio.ui.train_tab import infer_preset, sample_every, samples_of
+    from studio.ui.widgets import loss_frame, progress_html, smooth
+
+    assert sample_every(300, 5) == 61  # samples at 0, 61, 122, 183, 244; the final preview is not drawn twice
+    assert sample_every(80, 3) == 27 and sample_every(80, 0) == 0 and sample_every(4, 10) == 3
+    assert samples_of(300, 61) == 5 and samples_of(80, 27) == 3 and samples_of(80, 0) == 0
+    assert infer_preset("dreambooth", {"steps": 300, "rank": 8}) == "Fast"
+    assert infer_preset("dreambooth", {"steps": 80, "rank": 8}) == "Fast"  # steps edited: the rank tells
+    assert infer_preset("dreambooth", {"steps": 80, "rank": 5}) is None
+    noisy = [1.0, 0.0] * 50
+    sm = smooth(noisy)
+    assert abs(sm[-1] - 0.5) < 0.1 and max(sm[20:]) - min(sm[20:]) < 0.2  # the trend, not the noise
+    df = loss_frame([0.3, 0.2, 0.25])
+    assert sorted(set(df["series"])) == ["per step", "smoothed"] and len(df) == 6
+    assert "width:50.0%" in progress_html(5, 10)
+
+
+def test_images_are_captioned_with_their_true_size(tmp_path):
+    from PIL import Image
+
+    from studio.ui.widgets import sample_items, sized
+
+    a, b = tmp_path / "step_000000.png", tmp_path / "step_000027.png"
+    Image.new("RGB", (64, 48)).save(a)
+    Image.new("RGB", (64, 64)).save(b)
+    assert sized([str(a)], "seed 3") == [(str(a), "64×48 px · seed 3")]
+    assert sample_items([str(a), str(b)]) == [(str(b), "64×64 px · step 27"), (str(a), "64×48 px · step 0")]
+
+
+def test_robust_eta_ignores_a_slow_step(monkeypatch):
+    import trainers.loop as loop
+
+    clock = iter([0.0, 1.0, 2.0, 3.0, 4.0, 34.0, 35.0, 36.0])  # step 5 renders a sample and takes 30 s
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: next(clock))
+    rate = loop._Rate()
+    etas = [rate.tick(100 - i)[1] for i in range(1, 8)]
+    assert abs(etas[-1] - 93) < 1 and max(etas[2:]) < 100  # ~1 s/step throughout, not 30 s/step after the sample
+
+
+def test_queue_line_says_what_a_job_waits_for():
+    from studio.ui.jobs_tab import rows
+    from studio.ui.widgets import queue_line, queue_state
+
+    train = {"id": "t", "kind": "train", "config": {"name": "kavo", "steps": 300}, "status": "running", "phase": "training",
+             "step": 40, "total": 300, "eta_s": 130.0, "it_s": 2.0, "created": 1.0, "started": 1.0, "error": ""}
+    gen1 = {"id": "g1", "kind": "generate", "config": {"prompt": "a red star", "steps": 20}, "status": "queued",
+            "phase": "queued", "step": 0, "total": 0, "eta_s": 0.0, "it_s": 0.0, "created": 2.0, "started": 0.0, "error": ""}
+    gen2 = {**gen1, "id": "g2", "created": 3.0}
+    old = {**gen1, "id": "old", "status": "succeeded", "it_s": 4.0, "created": 0.5}
+    jobs = [gen2, gen1, train, old]
+    st = queue_state(jobs, "g2")
+    assert st["position"] == 3 and [j["id"] for j in st["ahead"]] == ["t", "g1"] and st["wait_s"] == 135.0
+    line = queue_line(jobs, gen2)
+    assert "3rd in the queue" in line and "training **kavo**" in line and "step 40/300" in line and "1 more job ahead" in line
+    assert "Starts in about 2 min" in line
+    table = rows(jobs)
+    assert table[0][5] == "#3 · behind training kavo · starts in ~2 min" and table[2][5] == "ETA 2 min"
+
+
+def test_reuse_settings_from_a_composition_png(tmp_path):
+    from PIL import Image
+
+    from pipelines.generate import save_png
+    from studio.ui import regions
+    from studio.ui.generate_tab import N_ROWS, reuse_values
+
+    mask = regions.save_mask(np.ones((8, 8), bool), tmp_path, "Subject A", 64, 64)
+    comp = {"prompt": "two emblems", "engine": "composer", "concepts": [
+        {"lora": "kavo", "weight": 0.9, "prompt": "a kavo emblem", "token": "kavo", "region": str(mask)},
+        {"lora": "tesh", "weight": 1.0, "prompt": "a tesh emblem", "token": "tesh", "region": [0.5, 0.0, 1.0, 1.0]}],
+        "global_loras": [{"lora": "neon", "weight": 0.5}], "width": 0, "height": 0, "decor_remove": "", "decor_strength": 1.0}
+    png = save_png(Image.new("RGB", (64, 64)), tmp_path / "c.png", {
+        "prompt": "two emblems", "negative_prompt": "", "seed": 7, "steps": 4, "guidance": 5.0, "width": 64, "height": 64,
+        "model": "toy-xl", "engine": "composer", "loras": [], "composition": comp})
+    out = reuse_values(None, png)
+    assert out[:3] == ["two emblems", "", "7"] and out[9] == "composer"
+    assert set(regions.painted_masks(out[10])) == {"Subject A"}  # the painted region comes back as paint
+    rows = [tuple(out[11 + 4 * i: 15 + 4 * i]) for i in range(N_ROWS)]
+    assert rows[0] == ("kavo", 0.9, "subject", "Subject A") and rows[1] == ("tesh", 1.0, "subject", "right half")
+    assert rows[2] == ("neon", 0.5, "style", "everywhere") and rows[3][0] is None
+    plain = tmp_path / "plain.png"
+    Image.new("RGB", (8, 8)).save(plain)
+    from studio.errors import InputError
+
+    with pytest.raises(InputError, match="no studio parameters"):
+        reuse_values(None, plain)
+
+
+def test_picking_a_lora_applies_it(studio):
+    """The Generate button's request from rows: a picked LoRA (no tick box) ends up in the PNG's metadata."""
+    from pipelines.generate import read_png_params
+    from studio.config import TrainConfig
+    from studio.ui.generate_tab import build_request, picked_rows
+    from trainers.dreambooth import DreamBoothRecipe
+    from trainers.loop import train
+
+    services, _, _, _ = studio
+    if not services.ws.lora_path("pick-me").exists():
+        train(TrainConfig(name="pick-me", images=str(EXAMPLES), model="tiny-sd", steps=2, rank=2, sample_steps=2, trigger="pkm"),
+              DreamBoothRecipe(), services.ws)
+    rows = picked_rows([("pick-me", 0.7, "subject", "everywhere"), (None, 1.0, "subject", "everywhere")])
+    kind, cfg, notes, _ = build_request(services, "a photo of <lora:pick-me> on a beach", "", "merge", rows, None, "", 1.0,
+                                        dict(seed=3, steps=2, guidance=5.0, width=0, height=0))
+    assert kind == "generate" and cfg["prompt"] == "a photo of pkm on a beach" and cfg["loras"] == [{"lora": "pick-me", "weight": 0.7}]
+    from studio.ui import actions
+
+    job = actions.wait(services, actions.submit_generate(services, cfg), timeout=600)
+    assert job["status"] == "succeeded", job
+    params = read_png_params(Path(job["result"]["outputs"][0]))
+    assert [(x["name"], x["weight"]) for x in params["loras"]] == [("pick-me", 0.7)]
+    # weight 0 leaves it out
+    kind, cfg, _, _ = build_request(services, "a photo", "", "merge", picked_rows([("pick-me", 0, "subject", "everywhere")]),
+                                    None, "", 1.0, dict(seed=3, steps=2, guidance=5.0, width=0, height=0))
+    assert cfg["loras"] == []
+
+
+def test_library_filter_and_metadata_table():
+    from studio.ui.library_tab import filter_cards, metadata_table
+
+    cards = [{"name": "kavo-emblem", "method": "dreambooth", "role": "subject", "architecture": "sdxl", "trigger": "kvo"},
+             {"name": "neon-style", "method": "blora", "role": "style", "architecture": "sdxl", "trigger": "nen"},
+             {"name": "old-dog", "method": "dreambooth", "role": "subject", "architecture": "sd15", "trigger": "zwx"}]
+    names = lambda cs: [c["name"] for c in cs]  # noqa: E731
+    assert names(filter_cards(cards, "nen")) == ["neon-style"]  # the trigger is searched too
+    assert names(filter_cards(cards, method="dreambooth", arch="sdxl")) == ["kavo-emblem"]
+    assert names(filter_cards(cards, role="style")) == ["neon-style"] and len(filter_cards(cards)) == 3
+    table = metadata_table({**cards[0], "compatible": True, "mtime": 1_700_000_000, "sha256": "ab" * 32, "weight": 1.0})
+    assert "| Trigger word | kvo |" in table and "| Fits the loaded model | yes |" in table
+    assert "2023-11-1" in table and "abababababab |" in table  # a readable date, a short hash; no epoch seconds
+    assert "1700000000" not in table

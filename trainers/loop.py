@@ -68,22 +68,23 @@ def _emit(events: Events | None, **event) -> None:
 
 
 class _Rate:
-    """Steps per second as an exponential moving average (after two warm-up steps) and the ETA from it."""
+    """Steps per second from the median of the last ``window`` step times, and the ETA from it.
 
-    def __init__(self) -> None:
+    A median ignores the odd slow step (a sample image, a checkpoint, the first step's warm-up), so the ETA does
+    not swing with them the way a moving average of the raw times does."""
+
+    def __init__(self, window: int = 25) -> None:
         self.last = time.perf_counter()
-        self.sps = None
-        self.n = 0
+        self.times: list[float] = []
+        self.window = window
 
     def tick(self, remaining: int) -> tuple[float, float]:
         now = time.perf_counter()
         dt, self.last = max(now - self.last, 1e-9), now
-        self.n += 1
-        if self.n <= 2 or self.sps is None:
-            self.sps = 1.0 / dt
-        else:
-            self.sps = 0.8 * self.sps + 0.2 / dt
-        return self.sps, remaining / self.sps
+        self.times = (self.times + [dt])[-self.window:]
+        recent = sorted(self.times[1:] if len(self.times) > 2 else self.times)  # the first step also warms up
+        sps = 1.0 / recent[len(recent) // 2]
+        return sps, remaining / sps
 
 
 # --------------------------------------------------------------------------------------------------------- encoding

@@ -1,4 +1,4 @@
-"""The Gradio studio: Train, Library, Generate & compose, Jobs. No business logic here: see ``actions.py``.
+"""The Gradio studio: Train, Library, Generate (and compose), Jobs. No business logic here: see ``actions.py``.
 
 ``build_demo(services)`` returns the Blocks app; ``launch(demo, ...)`` binds 127.0.0.1 with analytics off and an
 offline theme (no remote fonts). Named API endpoints: /train, /job_status, /generate, /compose, /list_loras.
@@ -19,6 +19,28 @@ CSS = """
 #studio-title {margin-bottom: 0}
 .studio-hint {opacity: 0.8; font-size: 0.95em}
 #train-status, #gen-status {font-size: 1.05em}
+/* small images (toy-xl draws 64 px) are enlarged crisp, never cropped */
+.pixelated img, .pixelated canvas {image-rendering: pixelated; object-fit: contain !important}
+.pixelated .grid-container {grid-template-columns: repeat(auto-fill, minmax(150px, 1fr)) !important}
+#gen-gallery .grid-container {grid-template-columns: repeat(auto-fill, minmax(200px, 1fr)) !important}
+.pixelated .thumbnail-item {aspect-ratio: 1 / 1; height: auto !important}
+.pixelated .thumbnail-item img {width: 100%; height: 100%}
+.studio-progress {position: relative; height: 22px; border-radius: 6px; background: var(--neutral-200); overflow: hidden}
+.studio-progress-fill {position: absolute; inset: 0 auto 0 0; background: var(--color-accent); transition: width .4s}
+.studio-progress span {position: relative; padding-left: 8px; font-size: 0.9em; line-height: 22px}
+/* library cards: full names (captions wrap on hover) */
+.library-grid .caption-label {white-space: nowrap; overflow: hidden; text-overflow: ellipsis}
+.library-grid button:hover .caption-label {white-space: normal; overflow: visible}
+@media (max-width: 640px) {
+  .gen-lora-row {gap: 4px !important}
+  .gen-lora-row > * {min-width: 45% !important}
+  .gen-lora-row input[type=range], .gen-lora-row .min_value, .gen-lora-row .max_value {display: none}
+  .gen-lora-row [data-testid=block-info], .gen-lora-row .reset-button {display: none}
+  .gen-lora-row .block {padding: 4px 6px !important}
+  #studio-title .studio-hint {display: none}
+  #gen-gallery, #gen-gallery .grid-wrap {height: 240px !important}
+  #gen-examples .gallery-item div {white-space: nowrap !important; overflow: hidden; text-overflow: ellipsis; max-width: 300px}
+}
 """
 
 
@@ -39,17 +61,20 @@ def build_demo(services: Services) -> gr.Blocks:
         )
         last_job = gr.BrowserState(None, storage_key="studio-last-train-job")
         with gr.Tabs() as tabs:
-            with gr.Tab("Train", id="train"):
+            with gr.Tab("Train", id="train") as train_t:
                 train_ui = train_tab.build(services, last_job)
             with gr.Tab("Library", id="library") as lib_tab:
                 lib_ui = library_tab.build(services)
-            with gr.Tab("Generate & compose", id="generate") as gen_tab:
+            with gr.Tab("Generate", id="generate") as gen_tab:
                 gen_ui = generate_tab.build(services)
             with gr.Tab("Jobs", id="jobs") as jobs_t:
                 jobs_ui = jobs_tab.build(services)
-        lib_tab.select(lib_ui["refresh"], outputs=lib_ui["outputs"], api_visibility="private")
+        lib_tab.select(lib_ui["refresh"], inputs=lib_ui["inputs"], outputs=lib_ui["outputs"], api_visibility="private")
         gen_tab.select(gen_ui["refresh"], outputs=gen_ui["refresh_outputs"], api_visibility="private")
-        jobs_t.select(jobs_ui["refresh"], outputs=jobs_ui["outputs"], api_visibility="private")
+        jobs_t.select(lambda: (*jobs_ui["refresh"](), gr.Timer(active=True)), outputs=[*jobs_ui["outputs"], jobs_ui["timer"]],
+                      api_visibility="private")
+        for other in (train_t, lib_tab, gen_tab):  # the Jobs list refreshes itself only while it is shown
+            other.select(lambda: gr.Timer(active=False), outputs=jobs_ui["timer"], api_visibility="private")
         demo.load(train_ui["reattach"], inputs=[last_job], outputs=train_ui["reattach_outputs"], api_visibility="private")
         _api(services)
     demo.queue(max_size=32, default_concurrency_limit=4)

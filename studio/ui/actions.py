@@ -66,12 +66,17 @@ def all_fields() -> dict[str, tuple[dataclasses.Field, type, set[str]]]:
     return out
 
 
-def method_defaults(method: str, preset: str | None = None) -> dict:
+def method_defaults(method: str, preset: str | None = None, model: str | None = None) -> dict:
+    """Config defaults, then the preset, then what the base model's folder asks for (``studio.json``, see hints.py)."""
+    from .hints import preset_values
+
     cls = recipes()[method].config_cls
     values = {}
     for f in dataclasses.fields(cls):
         values[f.name] = f.default if f.default is not dataclasses.MISSING else f.default_factory()
     values.update(PRESETS.get(method, PRESETS["dreambooth"]).get(preset or "", {}))
+    if model:
+        values.update(preset_values(model, method, preset))
     return values
 
 
@@ -286,8 +291,10 @@ def lora_cards(services: Services) -> list[dict]:
     return cards
 
 
-def job_summary(job: dict) -> str:
-    """One line a person reads: what the job is doing now."""
+def job_summary(job: dict, jobs: list[dict] | None = None) -> str:
+    """One line a person reads: what the job is doing now (``jobs``: the store's list, for a queued job's place)."""
+    from .widgets import job_title, queue_line
+
     status = job["status"]
     if status == "failed":
         return f"Failed: {job['error']}"
@@ -296,9 +303,10 @@ def job_summary(job: dict) -> str:
     if status == "succeeded":
         return "Done." + (f" Saved: {', '.join(Path(p).name for p in job['outputs'])}" if job["outputs"] else "")
     if status == "queued":
-        return "Waiting in the queue…"
+        return queue_line(jobs, job) if jobs is not None else "Waiting in the queue…"
     rate = job["it_s"]
     speed = (f"{rate:.2f} it/s" if rate >= 1 else f"{1 / rate:.1f} s/it") if rate else ""
     eta = f", ETA {_fmt_secs(job['eta_s'])}" if job["eta_s"] else ""
     prog = f" — step {job['step']}/{job['total']}" if job["total"] else ""
-    return f"{job['phase']}{prog} {speed}{eta}. {job['detail']}"
+    title = job_title(job)
+    return f"{title[0].upper()}{title[1:]}: {job['phase']}{prog} {speed}{eta}. {job['detail']}"
