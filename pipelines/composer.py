@@ -56,7 +56,7 @@ def _rows(c: Cond, sel: slice) -> Cond:
 def run_composer(pipe, rs: ResolvedSpec, seed: int, stop=None, progress=None, hooks=None) -> ComposeResult:
     s, opt = rs.spec, rs.spec.composer
     sm = Sampler(pipe, rs.width, rs.height, s.steps, s.guidance, seed, decor=s.decor())
-    stats = {"steps": s.steps, "guided_steps": 0, "losses": []}
+    stats = {"steps": s.steps, "guided_steps": 0, "losses": [], "latent_updates": 0}
     if not opt.region_cross_attn:
         with engine_session(pipe, rs, routed=False):
             cond = sm.encode(s.prompt, s.negative_prompt)
@@ -109,6 +109,7 @@ def run_composer(pipe, rs: ResolvedSpec, seed: int, stop=None, progress=None, ho
                     if loss.requires_grad:
                         grad = torch.autograd.grad(loss, z)[0]
                         latents = sm.descend(z, grad, t, opt.step_size * math.sqrt(float(scale[i]))).detach()
+                        stats["latent_updates"] += 1
                 stats["guided_steps"] += 1
                 stats["losses"].append(float(loss))
                 if prev is not None and i >= min_steps and float(loss) > prev:

@@ -195,7 +195,7 @@ def cmd_compose(args) -> int:
     from .composition import CompositionSpec, load_spec, parse_concept_arg
     from .models import load_pipeline
 
-    over = {k: getattr(args, k) for k in ("engine", "seed", "steps", "guidance", "width", "height", "negative_prompt")}
+    over = {k: getattr(args, k) for k in ("engine", "seed", "steps", "guidance", "width", "height", "negative_prompt", "scheduler")}
     if args.spec:
         spec = load_spec(args.spec, **over, **({"prompt": args.prompt} if args.prompt else {}))
     else:
@@ -209,6 +209,7 @@ def cmd_compose(args) -> int:
     for p in result.paths:
         print(p)
     print(f"seed: {result.seed}")
+    print("stats: " + json.dumps({k: v for k, v in result.stats.items() if k not in ("losses", "grad_norms")}))
     return 0
 
 
@@ -302,12 +303,15 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     co.add_argument("--prompt", default=None, help="Base prompt for the whole image.")
     co.add_argument("--negative-prompt", dest="negative_prompt", default=None)
     co.add_argument("--concept", action="append", default=None,
-                    help="Concept LORA:WEIGHT:PROMPT[:x0,y0,x1,y1] (box as fractions); repeat for several.")
+                    help="Concept LORA[:WEIGHT[:PROMPT]][:x0,y0,x1,y1] (box as fractions; no prompt: built from the LoRA's "
+                         "trigger and class word); repeat for several.")
     co.add_argument("--global-lora", dest="global_lora", action="append", default=None, help="LoRA applied everywhere, NAME_OR_PATH[:WEIGHT].")
     co.add_argument("--engine", choices=["merge", "composer", "clora"], default=None)
     co.add_argument("--seed", type=int, default=None)
     co.add_argument("--steps", type=int, default=None)
     co.add_argument("--guidance", type=float, default=None)
+    co.add_argument("--scheduler", choices=["auto", "ddim", "dpmsolver++", "euler", "model"], default=None,
+                    help="Sampler of the run (auto: the papers' — composer DPM-Solver++, clora DDIM; merge the model's).")
     co.add_argument("--width", type=int, default=None)
     co.add_argument("--height", type=int, default=None)
     co.add_argument("--model", default=None, help="Base model (default: the spec's, else tiny-sdxl).")

@@ -176,9 +176,9 @@ def _spec(services: Services, prompt, negative, engine, active, editor_value, de
         if a["role"] == "style":
             global_loras.append({"lora": a["lora"], "weight": a["weight"]})
             continue
-        card = next((c for c in actions.lora_cards(services) if c["name"] == a["lora"]), {})
-        trigger = card.get("trigger") or a["lora"]
-        entry = {"lora": a["lora"], "weight": a["weight"], "prompt": f"a photo of {trigger}", "token": trigger, "region": None}
+        # prompt, token and class word come from the LoRA's trigger and class word, built by the engine as its paper
+        # does (studio.composition.fill_concepts, shared with the CLI and the API)
+        entry = {"lora": a["lora"], "weight": a["weight"], "region": None}
         if a["region"] in BOXES:
             entry["region"] = {"box": BOXES[a["region"]]}
         elif a["region"] in ("Subject A", "Subject B"):
