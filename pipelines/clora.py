@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from pipelines.compose import Cond, ComposeResult, Sampler, check_stop, engine_session, latent_masks
-from studio.attention import AttnControl, install, layer_hw, map_resolution
+from studio.attention import AttnControl, MapsCaptured, install, layer_hw, map_resolution
 from studio.composition import ResolvedSpec, clora_groups
 
 
@@ -67,9 +67,10 @@ def run_clora(pipe, rs: ResolvedSpec, seed: int, stop=None, progress=None) -> Co
         masks = None
         for i, t in enumerate(sm.timesteps()):
             if plan[i]:
-                for _ in range(plan[i]):
+                for k in range(plan[i]):
                     latents, noise, maps, loss, gnorm = contrastive_update(sm, ctl, latents, t, conds, groups, opt, rows,
-                                                                            sess.unet_router, adapters)
+                                                                            sess.unet_router, adapters,
+                                                                            need_noise=k == plan[i] - 1)
                     stats["losses"].append(loss)
                     stats["grad_norms"].append(gnorm)
                 stats["optimised_steps"] += 1
@@ -104,41 +105,57 @@ def has_contrast(groups) -> bool:
     return any(n >= 2 for n in counts) and sum(1 for n in counts if n) >= 2
 
 
-def passes(sm: Sampler, ctl: AttnControl, latents, t, conds: list[Cond], rows: int):
-    """All N+1 passes in one UNet call. Returns noise (P·rows, C, h, w) and per-pass conditional maps (P, N, 77)."""
+def passes(sm: Sampler, ctl: AttnControl, latents, t, conds: list[Cond], rows: int, maps_only: bool = False):
+    """All N+1 passes in one UNet call. Returns noise (P·rows, C, h, w) and per-pass conditional maps (P, N, 77).
+
+    ``maps_only``: stop the UNet after its last capture layer (noise is None) — exact for the loss, which reads the
+    maps only, and it saves the forward of the remaining (highest-resolution) layers."""
     ctl.reset()
-    noise = sm.unet(latents.expand(len(conds) * rows, -1, -1, -1), t, conds)
+    n_layers = getattr(ctl, "n_cross", None)
+    ctl.stop_after = n_layers if maps_only and n_layers else None
+    noise = None
+    try:
+        noise = sm.unet(latents.expand(len(conds) * rows, -1, -1, -1), t, conds)
+        ctl.n_cross = len(ctl.store["cross"])  # capture layers of a whole UNet call
+    except MapsCaptured:
+        pass
+    finally:
+        ctl.stop_after = None
     layers = ctl.store["cross"]
     maps = torch.stack(layers).mean(0)  # (P·rows, N, 77)
     return noise, maps[rows - 1::rows]
 
 
-def contrastive_update(sm, ctl, latents, t, conds, groups, opt, rows, router=None, adapters=None):
+def contrastive_update(sm, ctl, latents, t, conds, groups, opt, rows, router=None, adapters=None, need_noise=True):
     """One InfoNCE step on the latent: returns (new latent, noise of this forward, maps, loss, gradient norm).
 
     Only the conditional rows (whose maps make the loss) run with autograd; with CFG the unconditional rows run in a
-    second call without it, which saves the backward through half of the batch."""
+    second call without it, which saves the backward through half of the batch. ``need_noise=False`` (inner
+    iterations before the last, whose noise the scheduler step never uses): no unconditional rows, and the UNet
+    stops after its last capture layer (noise is None)."""
     uncond = None
-    if rows == 2 and router is not None:
-        p = len(conds)
+    split = router is not None and (rows == 2 or not need_noise)
+    if split:
         router.names = list(adapters)
-        ctl.capture_cross = False
-        uncond = sm.unet(latents.expand(p, -1, -1, -1), t, [c.rows(slice(0, 1)) for c in conds])
-        ctl.capture_cross = True
-        conds = [c.rows(slice(1, 2)) for c in conds]
+        if rows == 2 and need_noise:
+            ctl.capture_cross = False
+            uncond = sm.unet(latents.expand(len(conds), -1, -1, -1), t, [c.rows(slice(0, 1)) for c in conds])
+            ctl.capture_cross = True
+        conds = [c.rows(slice(rows - 1, rows)) for c in conds]
     with torch.enable_grad():
         z = latents.detach().requires_grad_(True)
-        noise, maps = passes(sm, ctl, z, t, conds, 1 if uncond is not None else rows)
+        noise, maps = passes(sm, ctl, z, t, conds, 1 if split else rows, maps_only=not need_noise)
         loss = info_nce(*map_embeddings(maps, groups), temperature=opt.temperature)
         gnorm = 0.0
         if loss.requires_grad:
             grad = torch.autograd.grad(loss, z)[0]
             gnorm = float(grad.norm())
             z = sm.descend(z, grad, t, opt.step_size)
+    if split:
+        router.names = [a for a in adapters for _ in range(rows)]
     if uncond is not None:
         noise = torch.stack([uncond, noise.detach()], 1).flatten(0, 1)  # back to [u0, c0, u1, c1, …]
-        router.names = [a for a in adapters for _ in range(rows)]
-    return z.detach(), noise.detach(), maps.detach(), float(loss), gnorm
+    return z.detach(), None if noise is None else noise.detach(), maps.detach(), float(loss), gnorm
 
 
 def map_embeddings(maps: torch.Tensor, groups) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,6 +7,10 @@
 * ``composer``: LoRA-Composer (Yang et al. 2024, arXiv 2403.11627), see ``pipelines/composer.py``;
 * ``clora``: CLoRA (Meral et al. 2024, arXiv 2403.19776), see ``pipelines/clora.py``.
 
+Every run swaps in its sampler (``run_scheduler``: the papers' DPM-Solver++ / DDIM for the regional engines) and
+records what the engine did in ``ComposeResult.stats`` — ``latent_updates`` and the mean guidance ``loss`` among
+them — which also go into the PNG's ``studio`` chunk and the job/CLI result.
+
 This module also holds the small denoising toolkit the two regional engines share (``Sampler``: prompt encoding
 per adapter, latents, the UNet call with SDXL's extra conditioning, the scheduler step, VAE decoding — the same
 operations, in the same order, as diffusers' StableDiffusion(XL)Pipeline.__call__), and ``engine_session``, which

@@ -23,6 +23,10 @@ One UNet with the base weights runs every pass; the concept LoRAs act only where
   Updates stop for good after ``guidance_until`` of the steps (paper: 25 of 50), or once the loss rises versus the
   previous step after ``min_guidance_steps`` (paper: 5 of 50).
 
+Sampling as the official scripts: DPM-Solver++ multistep (swapped in for the run by ``pipelines.compose.run_scheduler``,
+the model's own scheduler restored afterwards), 50 steps, CFG 7.5. Concept prompts default to "a photo of
+<trigger> <class word>" and the concept tokens to the LoRA's trigger (``studio.composition.fill_concepts``).
+
 Each part can be switched off (``ComposerOptions``). With region injection off, the concept LoRAs are merged
 globally (the ``merge`` engine, computed by the same sampler), which is the ablation baseline.
 

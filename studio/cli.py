@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -75,11 +76,13 @@ def cmd_generate(args) -> int:
 
 
 def _blora_generate(args, pipe, cfg, loras, ws):
-    from pipelines.blora import style_transfer
+    from pipelines.blora import DEFAULT_STYLE_WEIGHT, style_transfer
     from pipelines.generate import parse_lora_arg
 
     content = parse_lora_arg(args.content, ws) if args.content else None
     style = parse_lora_arg(args.style, ws) if args.style else None
+    if style is not None and not re.search(r":[-+\d.eE]+$", args.style):  # no ":WEIGHT" given
+        style.weight = DEFAULT_STYLE_WEIGHT
     result = style_transfer(pipe, cfg, content, style, ws, block_prompts=args.block_prompts, content_prompt=args.content_prompt,
                             own_style_weight=args.own_style_weight, extra_loras=loras)
     if result.params.get("blora", {}).get("warning"):
@@ -239,7 +242,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     add_config_args(g, GenerateConfig)
     g.add_argument("--lora", dest="loras", action="append", default=None, help="LoRA as NAME_OR_PATH[:WEIGHT]; repeat for several.")
     g.add_argument("--content", default=None, help="B-LoRA content (or joint) as NAME_OR_PATH[:WEIGHT]; [c] in the prompt becomes its token.")
-    g.add_argument("--style", default=None, help="B-LoRA style (or joint) as NAME_OR_PATH[:WEIGHT]; [s] in the prompt becomes its token.")
+    g.add_argument("--style", default=None, help="B-LoRA style (or joint) as NAME_OR_PATH[:WEIGHT] (default weight 1.21 = "
+                   "the official demos' alpha 1.1); [s] in the prompt becomes its token.")
     g.add_argument("--block-prompts", action="store_true", help="B-LoRA: the content block's cross-attention sees --content-prompt only.")
     g.add_argument("--content-prompt", default="", help="Prompt of the content block with --block-prompts (default: 'A [c]').")
     g.add_argument("--own-style-weight", type=float, default=0.0,

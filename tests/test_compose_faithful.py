@@ -127,6 +127,35 @@ def test_clora_default_schedule_is_the_official_one(xl):
     assert CompositionSpec(prompt="x", concepts=[{"lora": "a"}]).steps == 50
 
 
+def test_maps_only_inner_iteration_is_exact(xl):
+    """Inner iterations whose noise is never used stop the UNet after its last capture layer and skip the
+    unconditional rows: the same latent update as the full call."""
+    from pipelines.clora import contrastive_update
+    from pipelines.compose import engine_session
+    from studio.attention import AttnControl, install, map_resolution
+
+    pipe, loras = xl
+    s = ui_spec(loras)
+    rs = resolve(s, pipe)
+    sm = Sampler(pipe, 64, 64, 4, 7.5, 3)
+    with torch.no_grad(), engine_session(pipe, rs) as sess:
+        prompts = [rs.spec.prompt] + [c.prompt for c in rs.spec.concepts]
+        adapters = ["__base__"] + sess.concepts
+        conds = [sm.encode(p, "", sess, a) for p, a in zip(prompts, adapters)]
+        groups = clora_groups(pipe.tokenizer, prompts, rs.spec.concepts)
+        lat = sm.latents()
+        ctl = AttnControl(capture_tokens=map_resolution(pipe.unet, lat.shape[-2:], (64, 64)), capture_cross=True)
+        install(pipe.unet, ctl, which="cross")
+        sess.unet_router.names = [a for a in adapters for _ in range(2)]
+        t = sm.timesteps()[0]
+        full = contrastive_update(sm, ctl, lat, t, conds, groups, rs.spec.clora, 2, sess.unet_router, adapters)
+        short = contrastive_update(sm, ctl, lat, t, conds, groups, rs.spec.clora, 2, sess.unet_router, adapters,
+                                   need_noise=False)
+    assert short[1] is None and full[1] is not None and full[3] > 0
+    assert torch.allclose(full[0], short[0], atol=1e-5) and full[3] == pytest.approx(short[3], rel=1e-5)
+    assert not torch.equal(full[0], lat)
+
+
 # ---------------------------------------------------------------------------------------------------- 4: samplers
 @pytest.mark.parametrize("arch", ["sd", "xl"])
 @pytest.mark.parametrize("engine", ["composer", "clora"])
