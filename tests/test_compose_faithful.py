@@ -78,7 +78,7 @@ def test_ui_style_clora_concepts_optimise(xl):
     """Item 1: concepts built from LoRA rows (as the UI, CLI and API build them) give positive pairs, a non-zero
     gradient and a latent different from the run without guidance."""
     pipe, loras = xl
-    opt = dict(inner_iterations=2)
+    opt = dict(inner_iterations=1)
     r = compose(pipe, ui_spec(loras, clora=opt), None, save=False)
     concepts = r.params["composition"]["concepts"]
     assert [c["prompt"] for c in concepts] == ["a ohwx dog and a cat", "a dog and a nlwx cat"]
@@ -122,8 +122,8 @@ def test_clora_default_schedule_is_the_official_one(xl):
     plan = update_plan(opt, 50)
     assert sum(plan) == 85 and plan[0] == plan[10] == plan[20] == 21 and plan[24] == 1 and plan[25] == 0
     pipe, loras = xl
-    r = compose(pipe, ui_spec(loras, clora={"inner_iterations": 3}), None, save=False)
-    assert r.stats["latent_updates"] == sum(update_plan(CloraOptions(inner_iterations=3), 4))
+    r = compose(pipe, ui_spec(loras, steps=3, clora={"inner_iterations": 1}), None, save=False)
+    assert r.stats["latent_updates"] == sum(update_plan(CloraOptions(inner_iterations=1), 3)) == 4
     assert CompositionSpec(prompt="x", concepts=[{"lora": "a"}]).steps == 50
 
 
@@ -164,7 +164,7 @@ def test_every_latent_update_at_every_step_changes_the_result(request, arch, eng
     scheduler) drops the edit at index 1; the engines run the papers' samplers, then give the model's back."""
     pipe, loras = request.getfixturevalue(arch)
     own = pipe.scheduler
-    steps = 4
+    steps = 3
     kw = dict(composer={"loss_guidance": False, "latent_reinit": False}, clora={"contrastive": False})
     regions = [[0, 0, 0.5, 1], [0.5, 0, 1, 1]]
     s = CompositionSpec(prompt="a dog and a cat", engine=engine, seed=3, steps=steps, width=64, height=64, **kw,
@@ -227,7 +227,9 @@ def test_stats_recorded_in_png_and_result(xl, engine, tmp_path, capsys):
         assert saved["latent_updates"] == 0 and saved["loss"] is None
     else:
         assert saved["latent_updates"] > 0 and saved["loss"] == pytest.approx(np.mean(r.stats["losses"]))
-    from studio.cli import main
+    if engine != "clora":
+        return
+    from studio.cli import main  # the CLI prints the same stats
 
     spec_file = tmp_path / "s.json"
     import json
