@@ -402,7 +402,7 @@ def test_bad_specs_give_clear_errors(xl, tmp_path):
     mask = tmp_path / "m.png"
     Image.new("L", (32, 32), 255).save(mask)
     with pytest.raises(InputError, match="32x32 but the image is 64x64"):
-        compose(pipe, spec(loras, "clora", concepts=[dict(lora=str(loras[0]), prompt="a dog", region=str(mask))]))
+        compose(pipe, spec(loras, "clora", concepts=[dict(lora=str(loras[0]), prompt="a dog", token="dog", region=str(mask))]))
     from studio.models import load_pipeline
 
     sd = load_pipeline("tiny-sd")
