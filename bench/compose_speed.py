@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 
-def make_random_lora(pipe, path: Path, seed: int, rank: int = 4) -> Path:
+def make_random_lora(pipe, path: Path, seed: int, rank: int = 4, trigger: str = "", class_word: str = "") -> Path:
     import copy
 
     from peft import LoraConfig
@@ -41,7 +41,9 @@ def make_random_lora(pipe, path: Path, seed: int, rank: int = 4) -> Path:
     for k, v in state.items():
         state[k] = torch.randn(v.shape, generator=g) * (0.05 if "lora_B" in k else 1.0 / v.shape[-1] ** 0.5)
     del unet
-    meta = lora_io.build_metadata(arch=architecture(pipe), method="bench", name=path.stem, rank=rank, alpha=rank, components={"unet": state})
+    words = {"modelspec.trigger_phrase": trigger, "class_word": class_word} if trigger else {}
+    meta = lora_io.build_metadata(arch=architecture(pipe), method="bench", name=path.stem, rank=rank, alpha=rank,
+                                  components={"unet": state}, extra=words)
     return lora_io.save_lora(path, {"unet": state}, meta)
 
 
@@ -68,8 +70,11 @@ def bench(model: str, size: int, steps: int, device: str | None, max_loras: int,
 
     pipe = load_pipeline(model, device=device)
     tmp = Path(tempfile.mkdtemp(prefix="compose-bench-"))
-    loras = [make_random_lora(pipe, tmp / f"l{i}.safetensors", i) for i in range(max_loras)]
+    from trainers.triggers import RARE_TOKENS
+
     words = ["dog", "cat", "bird", "horse"]
+    loras = [make_random_lora(pipe, tmp / f"l{i}.safetensors", i, trigger=RARE_TOKENS[i], class_word=words[i])
+             for i in range(max_loras)]
     prompt = "a " + " and a ".join(words[:max_loras])
     plain_evals = 2.0  # classifier-free guidance: one unconditional and one conditional evaluation per step
 
@@ -81,7 +86,9 @@ def bench(model: str, size: int, steps: int, device: str | None, max_loras: int,
     rows = []
     for n in range(1, max_loras + 1):
         for engine in engines:
-            concepts = [dict(lora=str(loras[i]), weight=1.0, prompt=f"a photo of a {words[i]}", token=words[i],
+            # the faithful defaults: prompts, tokens and groups built from each LoRA's trigger and class word, the
+            # papers' samplers, step schedules (CLoRA: half the steps + 20 inner iterations at 0, 20 %, 40 %)
+            concepts = [dict(lora=str(loras[i]), weight=1.0,
                              region=[i / n, 0.0, (i + 1) / n, 1.0] if engine == "composer" else None) for i in range(n)]
             spec = CompositionSpec(prompt=prompt, engine=engine, seed=1, steps=steps, width=size, height=size, concepts=concepts)
             box = {}
@@ -102,10 +109,12 @@ def bench(model: str, size: int, steps: int, device: str | None, max_loras: int,
             sec, total = min(r[0] for r in runs), min(r[1] for r in runs)
             st = box["r"].stats
             evals = st["unet_evals"] / steps
-            rows.append({"engine": engine, "loras": n, "unet_evals_per_step": evals, "x_plain_evals": evals / plain_evals,
+            rows.append({"engine": engine, "loras": n, "latent_updates": st.get("latent_updates", 0), "loss": st.get("loss"),
+                         "scheduler": st.get("scheduler"), "unet_evals_per_step": evals, "x_plain_evals": evals / plain_evals,
                          "sec_per_step": sec, "x_plain": sec / base_step, "plain_sec_per_step": base_step,
                          "total_sec": total, "x_plain_total": total / base_total})
-            print(f"{model:>12} {size:>5}px {str(pipe.device):>6}  {engine:>8}  loras={n}  evals/step={evals:5.2f}"
+            print(f"{model:>12} {size:>5}px {str(pipe.device):>6}  {engine:>8}  loras={n}  updates={st.get('latent_updates', 0):3d}"
+                  f"  evals/step={evals:5.2f}"
                   f" ({evals / plain_evals:4.2f}x)  s/step={sec:8.4f} ({sec / base_step:4.2f}x plain {base_step:.4f})"
                   f"  total={total:7.2f}s ({total / base_total:4.2f}x plain)", flush=True)
     base_step, base_total = min(r[0] for r in plain_runs), min(r[1] for r in plain_runs)

@@ -482,8 +482,12 @@ def section_composition(ctx: Context) -> dict:
             imgs = _gen(ctx, [prompt], [], n, seed_offset=700)
         else:
             imgs = []
+            # CLoRA as published: every pass is the whole base sentence naming the concept by its trigger (the
+            # world's subject names are the LoRAs' triggers), built by studio.composition.concept_prompt
+            eng_concepts = ([ConceptEntry(lora=c.lora, token=c.token, region=c.region) for c in concepts]
+                            if engine == "clora" else concepts)
             for i in range(n):
-                spec = CompositionSpec(prompt=prompt, concepts=concepts, engine=engine, seed=ctx.seed + 700 + i,
+                spec = CompositionSpec(prompt=prompt, concepts=eng_concepts, engine=engine, seed=ctx.seed + 700 + i,
                                        steps=ctx.steps, guidance=ctx.guidance, width=METHOD_RES, height=METHOD_RES)
                 imgs += compose(ctx.pipe, spec, None, save=False).images
         secs = time.time() - t0

@@ -25,7 +25,8 @@ Fig. 7 / README: stronger style        1.1        1.21
 App. B: keep the subject's colours     0.4–0.5    0.16–0.25
 =====================================  =========  ==============
 
-Defaults: content 1.0 and style 1.0 (α = 1, the paper's experiments) for style transfer. For text stylisation with a
+Defaults: content 1.0 (α = 1) and style 1.21 (α = 1.1, as two of the three style-transfer demos of the official
+notebook ``B_LoRA_inference.ipynb``; the paper's experiments and ``inference.py`` use α = 1) for style transfer. For text stylisation with a
 content B-LoRA alone, the subject's own colours fade; App. B restores them by adding the *same image's* style block at
 α ∈ [0.4, 0.5]. ``own_style_weight`` does that; :data:`OWN_STYLE_WEIGHT` = 0.2 (α ≈ 0.45, the middle of the range) is
 the value a UI should offer as its default when the user asks to keep colours. It is 0 (off) by default here so that
@@ -63,7 +64,7 @@ from studio.models import ARCH_SDXL, architecture
 from .generate import GenerateResult, LoraRef, generate, run_id, save_png
 
 DEFAULT_CONTENT_WEIGHT = 1.0  # α = 1
-DEFAULT_STYLE_WEIGHT = 1.0  # α = 1 (the paper's experiments); 1.21 = α 1.1 for a stronger style
+DEFAULT_STYLE_WEIGHT = 1.21  # α = 1.1, as the official notebook's style-transfer demos (α = 1: the paper's experiments)
 OWN_STYLE_WEIGHT = 0.2  # α ≈ 0.45: App. B's range 0.4–0.5 is linear 0.16–0.25
 
 

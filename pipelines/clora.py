@@ -1,14 +1,18 @@
 """CLoRA (Meral, Simsar, Tombari, Yanardag 2024, "CLoRA: A Contrastive Approach to Compose Multiple LoRA Models",
 arXiv 2403.19776; official code gemlab-vt/clora).
 
-Every step runs N+1 passes of the UNet on the same latent — pass 0 is the base prompt with no concept LoRA, pass j
-is concept j's prompt with LoRA j (global/style LoRAs act in every pass) — as **one batched UNet call** with one PEFT
-adapter per sample (``studio.attention.adapter_routing``; global LoRAs are fused into the base weights so each sample
-needs only one adapter).
+Inputs as in the official notebook: pass 0 is the base prompt ("A cat and a dog") with no concept LoRA; pass j is
+the same sentence with LoRA j's trigger put before its class word ("A cat and a sks dog"), with LoRA j
+(``studio.composition.concept_prompt``; global/style LoRAs act in every pass). Token groups
+(``studio.composition.clora_groups``): concept c is its trigger + class word in its own pass and its class word in
+every other pass. Every step runs the N+1 passes as **one batched UNet call** with one PEFT adapter per sample
+(``studio.attention.adapter_routing``; global LoRAs are fused into the base weights so each sample needs only one
+adapter), on the official DDIM scheduler (``pipelines.compose.run_scheduler``).
 
 * Cross-attention probabilities are captured at the ⌈H/32⌉×⌈W/32⌉ layers (SD1.5 at 512²: the 16×16 layers) and
   averaged over heads and layers, per pass.
-* **Contrastive latent optimisation** (early steps): every concept is a group; the min-max-normalised maps of its
+* **Contrastive latent optimisation** (official schedule: the first half of the steps, plus 20 inner iterations at
+  steps 0, 10 and 20 of 50, i.e. ~85 updates): every concept is a group; the min-max-normalised maps of its
   tokens in every pass are positives, maps of other concepts negatives; NT-Xent/InfoNCE with cosine similarity and
   τ = 0.5; z ← z − η∇L (η = 20, on the unit-variance latent the UNet sees, as with the code's DDIM latents:
   ``Sampler.descend``). At chosen steps extra inner iterations repeat the update. As in the official
@@ -19,13 +23,12 @@ needs only one adapter).
 * **Fusion**: ε_u = Σⱼ Mⱼ ε_u⁽ʲ⁾ and ε_c = Σⱼ Mⱼ ε_c⁽ʲ⁾, then ε = ε_u + s(ε_c − ε_u) and the scheduler step.
 
 Deviations from the paper/code:
-* All passes run batched in one UNet call (same FLOPs, far less overhead); the studio defaults optimise only the
-  first 25 % of the steps with no inner iterations (paper: half the steps, 20 inner iterations at steps 0/10/20 —
-  set ``contrastive_until=0.5, inner_iterations=20`` for that), which keeps the cost near 3–4× a plain generation
-  instead of 11–17×.
+* All passes run batched in one UNet call (same FLOPs, far less overhead). With CFG the unconditional rows of an
+  update run without autograd (the loss reads the conditional maps only), and no backward runs at all when the
+  groups give no positive pair or no negative (the loss would be 0).
 * Maps are read from the conditional half only (the official code also averages the negative-prompt maps in).
-* Concept tokens come from the tokenizer (``ConceptEntry.token``); the base prompt's occurrences of each concept's
-  token join that concept's group. The steps after the optimisation run without autograd.
+* Concept tokens come from the tokenizer, not hand-written indices. The steps after the optimisation run without
+  autograd.
 """
 
 from __future__ import annotations
@@ -34,20 +37,20 @@ import torch
 import torch.nn.functional as F
 
 from pipelines.compose import Cond, ComposeResult, Sampler, check_stop, engine_session, latent_masks
-from studio.attention import AttnControl, install, layer_hw, map_resolution
-from studio.composition import ResolvedSpec, token_positions
+from studio.attention import AttnControl, MapsCaptured, install, layer_hw, map_resolution
+from studio.composition import ResolvedSpec, clora_groups
 
 
 @torch.no_grad()
 def run_clora(pipe, rs: ResolvedSpec, seed: int, stop=None, progress=None) -> ComposeResult:
     s, opt = rs.spec, rs.spec.clora
     sm = Sampler(pipe, rs.width, rs.height, s.steps, s.guidance, seed, decor=s.decor())
-    stats = {"steps": s.steps, "optimised_steps": 0, "losses": []}
+    stats = {"steps": s.steps, "optimised_steps": 0, "losses": [], "grad_norms": []}
     with engine_session(pipe, rs) as sess:
         prompts = [s.prompt] + [c.prompt for c in s.concepts]
         adapters = ["__base__"] + sess.concepts
         conds = [sm.encode(p, s.negative_prompt, sess, a) for p, a in zip(prompts, adapters)]
-        groups = [[token_positions(pipe.tokenizer, p, c.token) for p in prompts] for c in s.concepts]  # [concept][pass]
+        groups = clora_groups(pipe.tokenizer, prompts, s.concepts)  # [concept][pass]
         latents = sm.latents()
         hw = tuple(latents.shape[-2:])
         cap = map_resolution(pipe.unet, hw, (rs.height, rs.width))
@@ -57,18 +60,19 @@ def run_clora(pipe, rs: ResolvedSpec, seed: int, stop=None, progress=None) -> Co
         user = None if user is None else user.to(sm.device, latents.dtype)
         rows = 2 if sm.cfg else 1
         sess.unet_router.names = [a for a in adapters for _ in range(rows)]
-        can_contrast = opt.contrastive and sum(1 for g in groups if any(g)) >= 2
-        until = int(round(opt.contrastive_until * s.steps))
-        inner = {int(round(f * s.steps)) for f in opt.inner_at}
+        can_contrast = opt.contrastive and has_contrast(groups)  # no positive pair or no negative: nothing to optimise
+        stats["contrastive"] = can_contrast
+        plan = update_plan(opt, s.steps) if can_contrast else [0] * s.steps
         mask_from = int(round(opt.mask_from * s.steps))
         masks = None
         for i, t in enumerate(sm.timesteps()):
-            if can_contrast and i < until:
-                iters = 1 + (opt.inner_iterations if i in inner else 0)
-                for _ in range(iters):
-                    latents, noise, maps, loss = contrastive_update(sm, ctl, latents, t, conds, groups, opt, rows,
-                                                                     sess.unet_router, adapters)
+            if plan[i]:
+                for k in range(plan[i]):
+                    latents, noise, maps, loss, gnorm = contrastive_update(sm, ctl, latents, t, conds, groups, opt, rows,
+                                                                            sess.unet_router, adapters,
+                                                                            need_noise=k == plan[i] - 1)
                     stats["losses"].append(loss)
+                    stats["grad_norms"].append(gnorm)
                 stats["optimised_steps"] += 1
             else:
                 noise, maps = passes(sm, ctl, latents, t, conds, rows)
@@ -82,42 +86,76 @@ def run_clora(pipe, rs: ResolvedSpec, seed: int, stop=None, progress=None) -> Co
         sess.unet_router.names = None
         images = sm.decode(latents)
     stats["unet_evals"] = sm.evals
+    stats["latent_updates"] = len(stats["losses"])
     return ComposeResult([], seed, images, masks=mask_images(masks, rs.width, rs.height), stats=stats)
 
 
-def passes(sm: Sampler, ctl: AttnControl, latents, t, conds: list[Cond], rows: int):
-    """All N+1 passes in one UNet call. Returns noise (P·rows, C, h, w) and per-pass conditional maps (P, N, 77)."""
+def update_plan(opt, steps: int) -> list[int]:
+    """Latent updates per step index: 1 for the first ``contrastive_until`` of the steps, plus ``inner_iterations``
+    at the ``inner_at`` steps among them (official: 25 of 50 steps, 20 more at steps 0, 10 and 20 -> 85 updates)."""
+    until = int(round(opt.contrastive_until * steps))
+    inner = {int(round(f * steps)) for f in opt.inner_at}
+    return [(1 + (opt.inner_iterations if i in inner else 0)) if opt.contrastive and i < until else 0 for i in range(steps)]
+
+
+def has_contrast(groups) -> bool:
+    """True when the InfoNCE loss has a positive pair (a concept seen ≥ 2 times across the passes) and a negative (≥ 2
+    concepts seen): otherwise the loss and its gradient are 0 and the backward would be wasted."""
+    counts = [sum(len(idx) for idx in per_pass) for per_pass in groups]
+    return any(n >= 2 for n in counts) and sum(1 for n in counts if n) >= 2
+
+
+def passes(sm: Sampler, ctl: AttnControl, latents, t, conds: list[Cond], rows: int, maps_only: bool = False):
+    """All N+1 passes in one UNet call. Returns noise (P·rows, C, h, w) and per-pass conditional maps (P, N, 77).
+
+    ``maps_only``: stop the UNet after its last capture layer (noise is None) — exact for the loss, which reads the
+    maps only, and it saves the forward of the remaining (highest-resolution) layers."""
     ctl.reset()
-    noise = sm.unet(latents.expand(len(conds) * rows, -1, -1, -1), t, conds)
+    n_layers = getattr(ctl, "n_cross", None)
+    ctl.stop_after = n_layers if maps_only and n_layers else None
+    noise = None
+    try:
+        noise = sm.unet(latents.expand(len(conds) * rows, -1, -1, -1), t, conds)
+        ctl.n_cross = len(ctl.store["cross"])  # capture layers of a whole UNet call
+    except MapsCaptured:
+        pass
+    finally:
+        ctl.stop_after = None
     layers = ctl.store["cross"]
     maps = torch.stack(layers).mean(0)  # (P·rows, N, 77)
     return noise, maps[rows - 1::rows]
 
 
-def contrastive_update(sm, ctl, latents, t, conds, groups, opt, rows, router=None, adapters=None):
-    """One InfoNCE step on the latent: returns (new latent, noise of this forward, maps, loss).
+def contrastive_update(sm, ctl, latents, t, conds, groups, opt, rows, router=None, adapters=None, need_noise=True):
+    """One InfoNCE step on the latent: returns (new latent, noise of this forward, maps, loss, gradient norm).
 
     Only the conditional rows (whose maps make the loss) run with autograd; with CFG the unconditional rows run in a
-    second call without it, which saves the backward through half of the batch."""
+    second call without it, which saves the backward through half of the batch. ``need_noise=False`` (inner
+    iterations before the last, whose noise the scheduler step never uses): no unconditional rows, and the UNet
+    stops after its last capture layer (noise is None)."""
     uncond = None
-    if rows == 2 and router is not None:
-        p = len(conds)
+    split = router is not None and (rows == 2 or not need_noise)
+    if split:
         router.names = list(adapters)
-        ctl.capture_cross = False
-        uncond = sm.unet(latents.expand(p, -1, -1, -1), t, [c.rows(slice(0, 1)) for c in conds])
-        ctl.capture_cross = True
-        conds = [c.rows(slice(1, 2)) for c in conds]
+        if rows == 2 and need_noise:
+            ctl.capture_cross = False
+            uncond = sm.unet(latents.expand(len(conds), -1, -1, -1), t, [c.rows(slice(0, 1)) for c in conds])
+            ctl.capture_cross = True
+        conds = [c.rows(slice(rows - 1, rows)) for c in conds]
     with torch.enable_grad():
         z = latents.detach().requires_grad_(True)
-        noise, maps = passes(sm, ctl, z, t, conds, 1 if uncond is not None else rows)
+        noise, maps = passes(sm, ctl, z, t, conds, 1 if split else rows, maps_only=not need_noise)
         loss = info_nce(*map_embeddings(maps, groups), temperature=opt.temperature)
+        gnorm = 0.0
         if loss.requires_grad:
             grad = torch.autograd.grad(loss, z)[0]
+            gnorm = float(grad.norm())
             z = sm.descend(z, grad, t, opt.step_size)
+    if split:
+        router.names = [a for a in adapters for _ in range(rows)]
     if uncond is not None:
         noise = torch.stack([uncond, noise.detach()], 1).flatten(0, 1)  # back to [u0, c0, u1, c1, …]
-        router.names = [a for a in adapters for _ in range(rows)]
-    return z.detach(), noise.detach(), maps.detach(), float(loss)
+    return z.detach(), None if noise is None else noise.detach(), maps.detach(), float(loss), gnorm
 
 
 def map_embeddings(maps: torch.Tensor, groups) -> tuple[torch.Tensor, torch.Tensor]:

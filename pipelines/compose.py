@@ -7,6 +7,10 @@
 * ``composer``: LoRA-Composer (Yang et al. 2024, arXiv 2403.11627), see ``pipelines/composer.py``;
 * ``clora``: CLoRA (Meral et al. 2024, arXiv 2403.19776), see ``pipelines/clora.py``.
 
+Every run swaps in its sampler (``run_scheduler``: the papers' DPM-Solver++ / DDIM for the regional engines) and
+records what the engine did in ``ComposeResult.stats`` — ``latent_updates`` and the mean guidance ``loss`` among
+them — which also go into the PNG's ``studio`` chunk and the job/CLI result.
+
 This module also holds the small denoising toolkit the two regional engines share (``Sampler``: prompt encoding
 per adapter, latents, the UNet call with SDXL's extra conditioning, the scheduler step, VAE decoding — the same
 operations, in the same order, as diffusers' StableDiffusion(XL)Pipeline.__call__), and ``engine_session``, which
@@ -39,7 +43,9 @@ class ComposeResult:
     images: list = field(default_factory=list)
     params: dict = field(default_factory=dict)
     masks: list | None = None  # clora: one PIL mask per pass (base first), at image size, for previews
-    stats: dict = field(default_factory=dict)  # unet_evals (sample-evaluations, backward = 2), seconds, steps
+    # what the engine did: latent_updates (count), loss (mean guidance loss), unet_evals (sample-evaluations,
+    # backward = 2), scheduler, seconds, steps, and each engine's own details
+    stats: dict = field(default_factory=dict)
 
 
 def compose(pipe, spec: CompositionSpec, ws=None, stop: threading.Event | None = None, progress=None,
@@ -50,23 +56,67 @@ def compose(pipe, spec: CompositionSpec, ws=None, stop: threading.Event | None =
     rs = resolve(spec, pipe, ws)
     seed = resolve_seed(spec.seed)
     t0 = time.perf_counter()
-    if spec.engine == "merge":
-        result = _merge(pipe, rs, seed, stop, progress)
-    elif spec.engine == "composer":
-        from pipelines.composer import run_composer
+    with run_scheduler(pipe, spec.engine, spec.scheduler) as scheduler_name:
+        if spec.engine == "merge":
+            result = _merge(pipe, rs, seed, stop, progress)
+        elif spec.engine == "composer":
+            from pipelines.composer import run_composer
 
-        result = run_composer(pipe, rs, seed, stop=stop, progress=progress)
-    else:
-        from pipelines.clora import run_clora
+            result = run_composer(pipe, rs, seed, stop=stop, progress=progress)
+        else:
+            from pipelines.clora import run_clora
 
-        result = run_clora(pipe, rs, seed, stop=stop, progress=progress)
-    result.stats["seconds"] = time.perf_counter() - t0
-    result.params = _params(pipe, rs, seed)
+            result = run_clora(pipe, rs, seed, stop=stop, progress=progress)
+    st = result.stats
+    st["seconds"] = time.perf_counter() - t0
+    st["scheduler"] = scheduler_name
+    st.setdefault("latent_updates", 0)
+    losses = st.get("losses") or []
+    st["loss"] = sum(losses) / len(losses) if losses else None  # mean guidance loss of the engine (None: no updates)
+    result.params = {**_params(pipe, rs, seed), "stats": st}
     if save and ws is not None:
         stem = run or run_id()
         result.paths = [save_png(img, ws.outputs / f"{stem}-compose-{spec.engine}-{i}.png", {**result.params, "index": i})
                         for i, img in enumerate(result.images)]
     return result
+
+
+# The papers' samplers: LoRA-Composer runs DPM-Solver(++) multistep, CLoRA's notebook DDIM. Both step the latent they
+# are given, so a latent update at any step index acts; PNDM (SD1.5's shipped scheduler) reuses its stored sample
+# on its second call and would silently drop the update made before it.
+PAPER_SCHEDULERS = {"composer": "dpmsolver++", "clora": "ddim"}
+_IGNORES_SAMPLE = ("PNDMScheduler", "IPNDMScheduler")
+
+
+def _make_scheduler(name: str, config):
+    import diffusers
+
+    if name == "ddim":
+        return diffusers.DDIMScheduler.from_config(config)
+    if name == "dpmsolver++":
+        return diffusers.DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++")
+    return diffusers.EulerDiscreteScheduler.from_config(config)
+
+
+@contextmanager
+def run_scheduler(pipe, engine: str, choice: str = "auto"):
+    """Swap in the scheduler of the run (``auto``: the paper's for the regional engines, the model's for merge) and
+    put the pipeline's own back afterwards, also on errors. Yields the class name used."""
+    from studio.errors import InputError
+
+    name = PAPER_SCHEDULERS.get(engine) if choice == "auto" else (None if choice == "model" else choice)
+    own = pipe.scheduler
+    if name is None:
+        if engine in PAPER_SCHEDULERS and type(own).__name__ in _IGNORES_SAMPLE:
+            raise InputError(f"The model's {type(own).__name__} ignores the latent it is given on some steps, so the "
+                             f"{engine} engine's latent updates would be lost: pick scheduler auto, ddim, dpmsolver++ or euler.")
+        yield type(own).__name__
+        return
+    pipe.scheduler = _make_scheduler(name, own.config)
+    try:
+        yield type(pipe.scheduler).__name__
+    finally:
+        pipe.scheduler = own
 
 
 def _refs(rs: ResolvedSpec) -> tuple[list[LoraRef], list[LoraRef]]:

@@ -23,6 +23,10 @@ One UNet with the base weights runs every pass; the concept LoRAs act only where
   Updates stop for good after ``guidance_until`` of the steps (paper: 25 of 50), or once the loss rises versus the
   previous step after ``min_guidance_steps`` (paper: 5 of 50).
 
+Sampling as the official scripts: DPM-Solver++ multistep (swapped in for the run by ``pipelines.compose.run_scheduler``,
+the model's own scheduler restored afterwards), 50 steps, CFG 7.5. Concept prompts default to "a photo of
+<trigger> <class word>" and the concept tokens to the LoRA's trigger (``studio.composition.fill_concepts``).
+
 Each part can be switched off (``ComposerOptions``). With region injection off, the concept LoRAs are merged
 globally (the ``merge`` engine, computed by the same sampler), which is the ablation baseline.
 
@@ -56,7 +60,7 @@ def _rows(c: Cond, sel: slice) -> Cond:
 def run_composer(pipe, rs: ResolvedSpec, seed: int, stop=None, progress=None, hooks=None) -> ComposeResult:
     s, opt = rs.spec, rs.spec.composer
     sm = Sampler(pipe, rs.width, rs.height, s.steps, s.guidance, seed, decor=s.decor())
-    stats = {"steps": s.steps, "guided_steps": 0, "losses": []}
+    stats = {"steps": s.steps, "guided_steps": 0, "losses": [], "latent_updates": 0}
     if not opt.region_cross_attn:
         with engine_session(pipe, rs, routed=False):
             cond = sm.encode(s.prompt, s.negative_prompt)
@@ -109,6 +113,7 @@ def run_composer(pipe, rs: ResolvedSpec, seed: int, stop=None, progress=None, ho
                     if loss.requires_grad:
                         grad = torch.autograd.grad(loss, z)[0]
                         latents = sm.descend(z, grad, t, opt.step_size * math.sqrt(float(scale[i]))).detach()
+                        stats["latent_updates"] += 1
                 stats["guided_steps"] += 1
                 stats["losses"].append(float(loss))
                 if prev is not None and i >= min_steps and float(loss) > prev:

@@ -224,6 +224,10 @@ class RegionKV:
     context: torch.Tensor
 
 
+class MapsCaptured(Exception):
+    """Raised inside the UNet once the maps an engine asked for are stored (``AttnControl.stop_after``)."""
+
+
 @dataclass
 class AttnControl:
     """What the studio processors do on the next UNet call (engines mutate it between calls)."""
@@ -239,6 +243,9 @@ class AttnControl:
     # region keys/values per (layer, adapter, prompt rows): they depend only on the concept's prompt, not on the
     # latent, so one computation serves every step of a run (a fresh AttnControl per run)
     kv_cache: dict = field(default_factory=dict)
+    # stop the UNet call (MapsCaptured) once this many cross-attention maps are stored: for a loss that reads only the
+    # maps, the layers after the last capture layer are not needed (None: run the whole UNet)
+    stop_after: int | None = None
 
     def reset(self) -> None:
         self.store = {"cross": [], "self": [], "regions": []}
@@ -277,6 +284,8 @@ class StudioAttnProcessor:
         out, probs = attend(attn, query, key, value, bias, need_probs=capture)
         if capture:
             ctl.store.setdefault("cross" if is_cross else "self", []).append(probs.mean(1))
+            if is_cross and ctl.stop_after is not None and len(ctl.store["cross"]) >= ctl.stop_after:
+                raise MapsCaptured
         out = attn.to_out[1](attn.to_out[0](out))
         if is_cross and ctl.regions and ctl.masks is not None:
             out = self._regions(attn, query, out, n_tok)

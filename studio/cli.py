@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -76,11 +77,13 @@ def cmd_generate(args) -> int:
 
 
 def _blora_generate(args, pipe, cfg, loras, ws):
-    from pipelines.blora import style_transfer
+    from pipelines.blora import DEFAULT_STYLE_WEIGHT, style_transfer
     from pipelines.generate import parse_lora_arg
 
     content = parse_lora_arg(args.content, ws) if args.content else None
     style = parse_lora_arg(args.style, ws) if args.style else None
+    if style is not None and not re.search(r":[-+\d.eE]+$", args.style):  # no ":WEIGHT" given
+        style.weight = DEFAULT_STYLE_WEIGHT
     result = style_transfer(pipe, cfg, content, style, ws, block_prompts=args.block_prompts, content_prompt=args.content_prompt,
                             own_style_weight=args.own_style_weight, extra_loras=loras)
     if result.params.get("blora", {}).get("warning"):
@@ -222,7 +225,7 @@ def cmd_compose(args) -> int:
     from .composition import CompositionSpec, load_spec, parse_concept_arg
     from .models import load_pipeline
 
-    over = {k: getattr(args, k) for k in ("engine", "seed", "steps", "guidance", "width", "height", "negative_prompt")}
+    over = {k: getattr(args, k) for k in ("engine", "seed", "steps", "guidance", "width", "height", "negative_prompt", "scheduler")}
     if args.spec:
         spec = load_spec(args.spec, **over, **({"prompt": args.prompt} if args.prompt else {}))
     else:
@@ -236,6 +239,7 @@ def cmd_compose(args) -> int:
     for p in result.paths:
         print(p)
     print(f"seed: {result.seed}")
+    print("stats: " + json.dumps({k: v for k, v in result.stats.items() if k not in ("losses", "grad_norms")}))
     return 0
 
 
@@ -262,7 +266,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     add_config_args(g, GenerateConfig)
     g.add_argument("--lora", dest="loras", action="append", default=None, help="LoRA as NAME_OR_PATH[:WEIGHT]; repeat for several.")
     g.add_argument("--content", default=None, help="B-LoRA content (or joint) as NAME_OR_PATH[:WEIGHT]; [c] in the prompt becomes its token.")
-    g.add_argument("--style", default=None, help="B-LoRA style (or joint) as NAME_OR_PATH[:WEIGHT]; [s] in the prompt becomes its token.")
+    g.add_argument("--style", default=None, help="B-LoRA style (or joint) as NAME_OR_PATH[:WEIGHT] (default weight 1.21 = "
+                   "the official demos' alpha 1.1); [s] in the prompt becomes its token.")
     g.add_argument("--block-prompts", action="store_true", help="B-LoRA: the content block's cross-attention sees --content-prompt only.")
     g.add_argument("--content-prompt", default="", help="Prompt of the content block with --block-prompts (default: 'A [c]').")
     g.add_argument("--own-style-weight", type=float, default=0.0,
@@ -335,12 +340,15 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     co.add_argument("--prompt", default=None, help="Base prompt for the whole image.")
     co.add_argument("--negative-prompt", dest="negative_prompt", default=None)
     co.add_argument("--concept", action="append", default=None,
-                    help="Concept LORA:WEIGHT:PROMPT[:x0,y0,x1,y1] (box as fractions); repeat for several.")
+                    help="Concept LORA[:WEIGHT[:PROMPT]][:x0,y0,x1,y1] (box as fractions; no prompt: built from the LoRA's "
+                         "trigger and class word); repeat for several.")
     co.add_argument("--global-lora", dest="global_lora", action="append", default=None, help="LoRA applied everywhere, NAME_OR_PATH[:WEIGHT].")
     co.add_argument("--engine", choices=["merge", "composer", "clora"], default=None)
     co.add_argument("--seed", type=int, default=None)
     co.add_argument("--steps", type=int, default=None)
     co.add_argument("--guidance", type=float, default=None)
+    co.add_argument("--scheduler", choices=["auto", "ddim", "dpmsolver++", "euler", "model"], default=None,
+                    help="Sampler of the run (auto: the papers' — composer DPM-Solver++, clora DDIM; merge the model's).")
     co.add_argument("--width", type=int, default=None)
     co.add_argument("--height", type=int, default=None)
     co.add_argument("--model", default=None, help="Base model (default: the spec's, else tiny-sdxl).")

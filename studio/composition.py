@@ -25,6 +25,7 @@ from .errors import InputError, LoraFormatError
 from .safety import check_lora_file, check_number, check_weight
 
 ENGINES = ("merge", "composer", "clora")
+SCHEDULERS = ("auto", "ddim", "dpmsolver++", "euler", "model")
 Box = tuple[float, float, float, float]
 
 
@@ -34,9 +35,12 @@ class ConceptEntry:
 
     lora: str = _f("", "LoRA library name or path to a .safetensors file.")
     weight: float = _f(1.0, "Linear weight of the LoRA (scales its delta W).")
-    prompt: str = _f("", "The concept's own prompt, e.g. 'a photo of zwx dog' (composer: the region prompt; clora: this LoRA's pass).")
-    token: str = _f("", "Word(s) that name the concept in its prompt and in the base prompt, e.g. 'dog' "
-                        "(attention maps are read at these tokens). Empty: the last word of the prompt.")
+    prompt: str = _f("", "The concept's own prompt (composer: the region prompt; clora: this LoRA's pass). Empty: built "
+                         "from the LoRA's trigger and class word as the papers do (see concept_prompt).")
+    token: str = _f("", "The concept's trigger word(s) in its prompt (attention maps are read at these tokens). "
+                        "Empty: the LoRA's trigger.")
+    class_word: str = _f("", "What the concept is, e.g. 'dog' (CLoRA: the word of the base prompt that names it). "
+                             "Empty: the class word stored in the LoRA.")
     region: Any = _f(None, "Box [x0, y0, x1, y1] as fractions of width/height (0..1), a mask image path, or None.")
     negative_prompt: str = _f("", "Negative prompt for this region (composer; empty: the spec's negative prompt).", advanced=True)
 
@@ -50,8 +54,7 @@ class ConceptEntry:
         if not -4.0 <= self.weight <= 4.0:
             raise InputError(f"Weight of {self.lora} must be between -4 and 4 (got {self.weight}).")
         self.region = parse_region(self.region, self.lora)
-        if not self.token.strip() and self.prompt.strip():
-            self.token = self.prompt.strip().split()[-1].strip(".,;:!?")
+        self.token, self.class_word = (self.token or "").strip(), (self.class_word or "").strip()
 
     @property
     def box(self) -> Box | None:
@@ -95,14 +98,14 @@ class ComposerOptions:
 
 @dataclass(kw_only=True)
 class CloraOptions:
-    """CLoRA hyper-parameters. Defaults trade some of the paper's optimisation for speed (see pipelines/clora.py)."""
+    """CLoRA hyper-parameters; the defaults are the official code's schedule (see pipelines/clora.py)."""
 
     contrastive: bool = _f(True, "Contrastive (InfoNCE) latent optimisation on the attention maps in the early steps.")
-    contrastive_until: float = _f(0.25, "Fraction of steps with a latent update (paper: 25 of 50 = 0.5).", advanced=True)
+    contrastive_until: float = _f(0.5, "Fraction of steps with a latent update (official: the first half, 25 of 50).", advanced=True)
     step_size: float = _f(20.0, "Latent step size η (paper: 20).", advanced=True)
     temperature: float = _f(0.5, "InfoNCE temperature τ (paper: 0.5).", advanced=True)
     inner_at: list = _f([0.0, 0.2, 0.4], "Step fractions with extra inner iterations (paper: steps 0, 10, 20 of 50).", advanced=True)
-    inner_iterations: int = _f(0, "Extra inner iterations at those steps (paper: 20; each costs a forward+backward of all passes).", advanced=True)
+    inner_iterations: int = _f(20, "Extra inner iterations at those steps (official: 20; each is a forward+backward of all passes).", advanced=True)
     threshold: float = _f(0.3, "Mask threshold α: a pixel belongs to a LoRA where its attention > α·max (paper: 0.3; notebook 0.4).")
     morphology: str = _f("none", "3x3 clean-up of the attention masks.", choices=["none", "open", "close", "dilate", "erode"], advanced=True)
     mask_from: float = _f(0.0, "Fuse with masks from this step fraction on (before: plain base pass; paper: 0).", advanced=True)
@@ -119,8 +122,11 @@ class CompositionSpec:
     engine: str = _f("merge", "merge: weighted sum (fast); composer: LoRA-Composer (needs boxes); clora: CLoRA (masks from attention).",
                      choices=list(ENGINES))
     seed: int = _f(-1, f"Seed 0..{SEED_MAX}; -1 picks a random one.")
-    steps: int = _f(25, "Denoising steps.")
-    guidance: float = _f(7.0, "Classifier-free guidance scale.")
+    steps: int = _f(50, "Denoising steps (LoRA-Composer and CLoRA: 50).")
+    guidance: float = _f(7.5, "Classifier-free guidance scale (LoRA-Composer: 7.5).")
+    scheduler: str = _f("auto", "Sampler of the run. auto: the papers' (composer: DPM-Solver++, clora: DDIM, merge: the model's); "
+                                "the regional engines need one whose step uses the latent it is given (not PNDM).",
+                        choices=list(SCHEDULERS), advanced=True)
     width: int = _f(0, "Width in pixels (0: model default).")
     height: int = _f(0, "Height in pixels (0: model default).")
     allow_overlap: bool = _f(False, "Allow overlapping concept boxes (overlaps are averaged).", advanced=True)
@@ -154,10 +160,10 @@ class CompositionSpec:
             v = int(getattr(self, key))
             if v and (v < 16 or v > 4096 or v % 8):
                 raise InputError(f"{key} must be a multiple of 8 between 16 and 4096 (got {v}).")
+        if self.scheduler not in SCHEDULERS:
+            raise InputError(f"Unknown scheduler {self.scheduler!r}: choose one of {', '.join(SCHEDULERS)}.")
         if self.engine in ("composer", "clora"):
-            for i, c in enumerate(self.concepts, 1):
-                if not c.prompt.strip():
-                    raise InputError(f"Concept {i} ({c.lora}) has no prompt: the {self.engine} engine runs it on its own prompt.")
+            check_distinct_triggers(self.concepts)
         if self.engine == "composer":
             missing = [f"{i} ({c.lora})" for i, c in enumerate(self.concepts, 1) if c.region is None]
             if missing and self.composer.region_cross_attn:
@@ -193,6 +199,102 @@ class CompositionSpec:
             if isinstance(c["region"], tuple):
                 c["region"] = list(c["region"])
         return d
+
+
+def check_distinct_triggers(concepts) -> None:
+    """Two concepts named by the same trigger cannot be told apart by the losses (CLoRA's groups, LoRA-Composer's maps)."""
+    seen: dict[str, int] = {}
+    for i, c in enumerate(concepts, 1):
+        key = " ".join(c.token.lower().split())
+        if not key:
+            continue
+        if key in seen:
+            raise InputError(f"Concepts {seen[key]} and {i} share the trigger {c.token!r}: the engine cannot tell them apart. "
+                             "Give each concept LoRA its own trigger (retrain one, or set the concept's token).")
+        seen[key] = i
+
+
+def lora_words(path: Path) -> tuple[str, str]:
+    """(trigger, class word) stored in a LoRA file's metadata ('' when unknown; the first of a merged file's triggers)."""
+    from . import lora_io
+
+    try:
+        _, meta = lora_io.read_header(Path(path))
+    except Exception:  # noqa: BLE001 - unreadable files are reported by check_compatible
+        return "", ""
+    trigger = (meta.get("modelspec.trigger_phrase", "") or "").split(",")[0].strip()
+    cls = meta.get("studio.class_word", "")
+    if not cls and meta.get("studio.config"):
+        try:
+            cls = json.loads(meta["studio.config"]).get("class_word", "") or ""
+        except (ValueError, AttributeError):
+            cls = ""
+    return trigger, cls.strip()
+
+
+def _find_word(prompt: str, word: str) -> re.Match | None:
+    return re.search(rf"(?<![\w<]){re.escape(word)}(?![\w>])", prompt, flags=re.IGNORECASE) if word else None
+
+
+def concept_prompt(engine: str, base_prompt: str, trigger: str, class_word: str, label: str = "concept") -> str:
+    """A concept's prompt as the papers build it from its trigger and class word.
+
+    * CLoRA (official notebook): the whole base sentence with the trigger inserted before the concept's class word,
+      "A cat and a dog" -> "A cat and a sks dog"; a base prompt that already holds the trigger is used as is.
+    * LoRA-Composer: a region prompt naming the concept, "a photo of sks dog"."""
+    if not trigger:
+        raise InputError(f"{label} has no trigger: the LoRA stores none, so give the concept's token (its trigger word).")
+    if engine != "clora":
+        return " ".join(f"a photo of {trigger} {class_word}".split())
+    if _find_word(base_prompt, trigger):
+        return base_prompt
+    m = _find_word(base_prompt, class_word)
+    if m is None:
+        what = f"its class word {class_word!r}" if class_word else "its class word (set the concept's class_word)"
+        raise InputError(f"CLoRA puts the trigger {trigger!r} of {label} before {what} in the base prompt, and the base "
+                         f"prompt {base_prompt!r} does not name it: describe every concept in the base prompt, "
+                         "e.g. 'a dog and a cat'.")
+    return f"{base_prompt[:m.start()]}{trigger} {base_prompt[m.start():]}"
+
+
+def fill_concepts(spec: "CompositionSpec", concept_paths: list[Path]) -> None:
+    """Give every concept its token (default: the LoRA's trigger, never a word of the prompt), class word and prompt
+    (default: ``concept_prompt``). The one place where UI, CLI and API concepts get their words."""
+    if spec.engine == "merge":
+        return
+    for i, (c, path) in enumerate(zip(spec.concepts, concept_paths), 1):
+        trigger, cls = lora_words(path)
+        label = f"concept {i} ({c.lora})"
+        c.token = c.token or trigger
+        c.class_word = c.class_word or cls
+        if not c.token:
+            raise InputError(f"{label} has no token and its LoRA stores no trigger: give the word that names it in its prompt.")
+        if not c.prompt.strip():
+            c.prompt = concept_prompt(spec.engine, spec.prompt, c.token, c.class_word, label)
+    check_distinct_triggers(spec.concepts)
+
+
+def clora_groups(tokenizer, prompts: list[str], concepts) -> list[list[list[int]]]:
+    """CLoRA's token groups ``[concept][pass] -> positions`` as in the official code: in its own pass (pass c + 1) a
+    concept is its trigger and class word; in every other pass (the base pass included) its class word (or its
+    trigger, where it has no class word)."""
+    groups = []
+    for c, concept in enumerate(concepts):
+        per_pass = []
+        for j, p in enumerate(prompts):
+            own = token_positions(tokenizer, p, concept.token)
+            cls = token_positions(tokenizer, p, concept.class_word) if concept.class_word else []
+            per_pass.append(sorted(set(own + cls)) if j == c + 1 else (cls if concept.class_word else own))
+        groups.append(per_pass)
+    for j in range(len(prompts)):
+        owner: dict[int, int] = {}
+        for c, per_pass in enumerate(groups):
+            for pos in per_pass[j]:
+                if pos in owner:
+                    raise InputError(f"Concepts {owner[pos] + 1} and {c + 1} are named by the same word in prompt "
+                                     f"{prompts[j]!r}: give them different class words or triggers.")
+                owner[pos] = c
+    return groups
 
 
 def _build(cls, data, what: str):
@@ -263,17 +365,18 @@ def load_spec(path: str | Path, **overrides) -> CompositionSpec:
 
 
 def parse_concept_arg(arg: str) -> ConceptEntry:
-    """CLI shorthand ``LORA:WEIGHT:PROMPT[:x0,y0,x1,y1]``."""
+    """CLI shorthand ``LORA[:WEIGHT[:PROMPT]][:x0,y0,x1,y1]``; without a prompt the engine builds it from the LoRA's
+    trigger and class word (``concept_prompt``)."""
     parts = arg.split(":")
-    if len(parts) < 3:
-        raise InputError(f"--concept {arg!r}: use LORA:WEIGHT:PROMPT or LORA:WEIGHT:PROMPT:x0,y0,x1,y1.")
     region = None
-    if len(parts) >= 4 and parts[-1].count(",") == 3:
+    if len(parts) >= 2 and parts[-1].count(",") == 3:
         region = parts[-1]
         parts = parts[:-1]
-    lora, weight, prompt = parts[0], parts[1], ":".join(parts[2:])
+    lora, weight, prompt = parts[0], (parts[1] if len(parts) > 1 else "1"), ":".join(parts[2:])
+    if not lora.strip():
+        raise InputError(f"--concept {arg!r}: use LORA[:WEIGHT[:PROMPT]][:x0,y0,x1,y1].")
     try:
-        w = float(weight)
+        w = float(weight or 1)
     except ValueError:
         raise InputError(f"--concept {arg!r}: the weight {weight!r} is not a number.") from None
     return ConceptEntry(lora=lora, weight=w, prompt=prompt, region=region)
@@ -293,9 +396,12 @@ class ResolvedSpec:
 
 def resolve(spec: CompositionSpec, pipe, ws=None) -> ResolvedSpec:
     """Checks that need the pipeline and the disk; returns LoRA paths and region masks at image resolution."""
+    import copy
+
     from . import lora_io
     from .models import default_resolution
 
+    spec = copy.deepcopy(spec)  # concepts get their words filled in; the caller's spec stays as given
     res = default_resolution(pipe)
     width, height = int(spec.width or res), int(spec.height or res)
     if width % pipe.vae_scale_factor or height % pipe.vae_scale_factor:
@@ -316,6 +422,7 @@ def resolve(spec: CompositionSpec, pipe, ws=None) -> ResolvedSpec:
         check_lora_file(p)
     if len(set(concept_paths)) != len(concept_paths) and spec.engine != "merge":
         raise InputError("The same LoRA file is used by two concepts; each concept needs its own LoRA.")
+    fill_concepts(spec, concept_paths)
     masks = torch.zeros(len(spec.concepts), height, width)
     has = []
     for i, c in enumerate(spec.concepts):

@@ -38,7 +38,8 @@ class TrainConfig:
     name: str = _f("", "Name of the LoRA in the library (letters, digits, '-', '_').")
     images: str = _f("", "Folder (or dataset name in the workspace) with the reference images.", ui=False)
     model: str = _f(DEFAULT_MODEL, "Base model: bundled name, hub id, local diffusers folder or single-file checkpoint.", ui=False)
-    trigger: str = _f("zwx", "Rare token that names your subject in prompts.")
+    trigger: str = _f("", "Rare token that names your subject in prompts. Empty: a rare single CLIP token that no other "
+                          "LoRA of the library uses (picked when training starts).")
     class_word: str = _f("", "What the subject is, e.g. 'dog' or 'backpack' (used in the default prompt).")
     instance_prompt: str = _f(
         "", "Training prompt; {trigger} and {class_word} are filled in. Empty: 'a photo of {trigger} {class_word}'.", advanced=True
@@ -108,8 +109,8 @@ class TrainConfig:
             raise InputError("num_class_images must be at least 1 with prior preservation.")
         if not 0 <= self.seed <= SEED_MAX:
             raise InputError(f"seed must be between 0 and {SEED_MAX}.")
-        if not (self.trigger or "").strip():
-            raise InputError("the trigger token must not be empty.")
+        if self.trigger and not self.trigger.strip():
+            raise InputError("the trigger token must not be blank (leave it empty for an automatic one).")
         try:
             self.prompt()
         except (KeyError, IndexError, ValueError) as exc:

@@ -369,6 +369,15 @@ def check_mergeable(files: list[LoraFile]) -> tuple[bool, list[str]]:
     if len(files) < 2:
         raise InputError("Pick at least two LoRAs to merge.")
     warnings: list[str] = []
+    owner: dict[str, str] = {}
+    for f in files:  # a merged file calls each concept by its trigger: two concepts with one trigger would be one
+        for t in (f.meta.get("modelspec.trigger_phrase", "") or "").split(","):
+            key = t.strip().lower()
+            if key and key in owner:
+                raise MergeRefusedError(f"{owner[key]} and {f.name} use the same trigger {t.strip()!r}: after the merge "
+                                        "neither could be called on its own. Retrain one of them with its own trigger.")
+            if key:
+                owner[key] = f.name
     archs = {f.arch for f in files if f.arch}
     if len(archs) > 1:
         raise MergeRefusedError("These LoRAs are for different base architectures (" + ", ".join(

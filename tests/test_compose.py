@@ -18,8 +18,9 @@ from studio.errors import CancelledError, InputError, LoraFormatError
 STEPS = 3
 
 
-def make_lora(pipe, path, seed, rank=2, te=True, scale=0.6):
-    """A small random LoRA file (non-zero lora_B) on the attention projections of ``pipe``."""
+def make_lora(pipe, path, seed, rank=2, te=True, scale=0.6, trigger="", class_word=""):
+    """A small random LoRA file (non-zero lora_B) on the attention projections of ``pipe``, optionally with the
+    trigger and class word a trained LoRA stores."""
     from peft import LoraConfig
 
     from studio.models import architecture
@@ -39,7 +40,9 @@ def make_lora(pipe, path, seed, rank=2, te=True, scale=0.6):
         for k, v in state.items():
             state[k] = torch.randn(v.shape, generator=g) * (scale if "lora_B" in k else 1.0 / v.shape[-1] ** 0.5)
         states[comp] = state
-    meta = lora_io.build_metadata(arch=architecture(pipe), method="test", name=path.stem, rank=rank, alpha=rank, components=states)
+    words = {"modelspec.trigger_phrase": trigger, "class_word": class_word} if trigger else {}
+    meta = lora_io.build_metadata(arch=architecture(pipe), method="test", name=path.stem, rank=rank, alpha=rank, components=states,
+                                  extra=words)
     return lora_io.save_lora(path, states, meta)
 
 
@@ -58,7 +61,8 @@ def spec(loras, engine, concepts=None, **kw):
         dict(lora=str(loras[0]), weight=0.8, prompt="a photo of zwx dog", token="dog", region=[0.0, 0.0, 0.5, 1.0]),
         dict(lora=str(loras[1]), weight=1.0, prompt="a photo of qrp cat", token="cat", region=[0.5, 0.0, 1.0, 1.0]),
     ]
-    base = dict(prompt="a dog and a cat", engine=engine, seed=7, steps=STEPS, width=64, height=64, concepts=concepts)
+    base = dict(prompt="a dog and a cat", engine=engine, seed=7, steps=STEPS, width=64, height=64, concepts=concepts,
+                clora={"inner_iterations": 0})  # the official 20 inner iterations are tested in test_compose_faithful
     base.update(kw)
     return CompositionSpec(**base)
 
@@ -85,7 +89,8 @@ def test_merge_one_lora_equals_generate(xl):
     pipe, loras, _ = xl
     c = [dict(lora=str(loras[0]), weight=0.7, prompt="zwx dog")]
     r = compose(pipe, spec(loras, "merge", c))
-    g = generate(pipe, GenerateConfig(prompt="a dog and a cat", seed=7, steps=STEPS, width=64, height=64), [LoraRef(loras[0], 0.7)])
+    g = generate(pipe, GenerateConfig(prompt="a dog and a cat", seed=7, steps=STEPS, width=64, height=64, guidance=7.5),
+                 [LoraRef(loras[0], 0.7)])
     assert np.array_equal(img(r), img(g))
     plain = generate(pipe, GenerateConfig(prompt="a dog and a cat", seed=7, steps=STEPS, width=64, height=64))
     assert np.abs(img(r) - img(plain)).mean() > 0.5  # the LoRA does something
@@ -164,14 +169,14 @@ def test_composer_all_parts_off_equals_merge(xl):
     pipe, loras, _ = xl
     off = dict(region_cross_attn=False, self_attn_isolation=False, latent_reinit=False, loss_guidance=False)
     a = compose(pipe, spec(loras, "composer", composer=off))
-    b = compose(pipe, spec(loras, "merge"))
+    b = compose(pipe, spec(loras, "merge", scheduler="dpmsolver++"))  # the composer's paper sampler
     assert np.abs(img(a) - img(b)).max() <= 1.0
 
 
 def test_clora_one_concept_full_mask_equals_single_lora(xl):
     pipe, loras, _ = xl
     c = [dict(lora=str(loras[0]), weight=0.9, prompt="a photo of zwx dog", token="dog", region=[0, 0, 1, 1])]
-    r = compose(pipe, spec(loras, "clora", c))
+    r = compose(pipe, spec(loras, "clora", c, scheduler="model", guidance=7.0))
     g = generate(pipe, GenerateConfig(prompt="a photo of zwx dog", seed=7, steps=STEPS, width=64, height=64), [LoraRef(loras[0], 0.9)])
     assert np.abs(img(r) - img(g)).max() <= 2.0
     assert len(r.masks) == 2 and np.asarray(r.masks[1]).min() == 255 and np.asarray(r.masks[0]).max() == 0
@@ -310,7 +315,7 @@ def test_contrastive_loss_decreases(xl):
         prompts = [s.prompt] + [c.prompt for c in s.concepts]
         adapters = ["__base__"] + sess.concepts
         conds = [sm.encode(p, "", sess, a) for p, a in zip(prompts, adapters)]
-        groups = [[token_positions(pipe.tokenizer, p, c.token) for p in prompts] for c in s.concepts]
+        groups = [[token_positions(pipe.tokenizer, p, c.token) for p in prompts] for c in s.concepts]  # hand-made groups
         lat = sm.latents()
         ctl = AttnControl(capture_tokens=map_resolution(pipe.unet, lat.shape[-2:], (64, 64)), capture_cross=True)
         install(pipe.unet, ctl, which="cross")
@@ -318,7 +323,7 @@ def test_contrastive_loss_decreases(xl):
         t = sm.timesteps()[0]
         s.clora.step_size = 20.0
         for _ in range(6):
-            lat, _, _, loss = contrastive_update(sm, ctl, lat, t, conds, groups, s.clora, 2, sess.unet_router, adapters)
+            lat, _, _, loss, _ = contrastive_update(sm, ctl, lat, t, conds, groups, s.clora, 2, sess.unet_router, adapters)
             losses.append(loss)
     assert losses[-1] < losses[0], losses
 
@@ -397,7 +402,7 @@ def test_bad_specs_give_clear_errors(xl, tmp_path):
     mask = tmp_path / "m.png"
     Image.new("L", (32, 32), 255).save(mask)
     with pytest.raises(InputError, match="32x32 but the image is 64x64"):
-        compose(pipe, spec(loras, "clora", concepts=[dict(lora=str(loras[0]), prompt="a dog", region=str(mask))]))
+        compose(pipe, spec(loras, "clora", concepts=[dict(lora=str(loras[0]), prompt="a dog", token="dog", region=str(mask))]))
     from studio.models import load_pipeline
 
     sd = load_pipeline("tiny-sd")
@@ -413,13 +418,13 @@ def test_bad_specs_give_clear_errors(xl, tmp_path):
 def test_load_spec_yaml_json_and_cli(xl, tmp_path, capsys):
     pipe, loras, _ = xl
     data = {"prompt": "a dog and a cat", "engine": "composer", "steps": 2, "seed": 3, "width": 64, "height": 64,
-            "concepts": [{"lora": str(loras[0]), "prompt": "zwx dog", "region": {"box": [0, 0, 0.5, 1]}},
-                         {"lora": str(loras[1]), "prompt": "qrp cat", "region": "0.5,0,1,1"}],
+            "concepts": [{"lora": str(loras[0]), "prompt": "zwx dog", "token": "zwx", "region": {"box": [0, 0, 0.5, 1]}},
+                         {"lora": str(loras[1]), "prompt": "qrp cat", "token": "qrp", "region": "0.5,0,1,1"}],
             "composer": {"loss_guidance": False}}
     j = tmp_path / "s.json"
     j.write_text(json.dumps(data))
     s = load_spec(j)
-    assert s.concepts[1].box == (0.5, 0.0, 1.0, 1.0) and s.concepts[0].token == "dog" and not s.composer.loss_guidance
+    assert s.concepts[1].box == (0.5, 0.0, 1.0, 1.0) and s.concepts[0].token == "zwx" and not s.composer.loss_guidance
     import yaml
 
     y = tmp_path / "s.yaml"

@@ -34,7 +34,8 @@ def test_bad_generate_config(kwargs, needle):
 
 def test_cli_flags_come_from_config():
     args = build_parser(["train"]).parse_args(["train", "--name", "dog", "--images", "x", "--rank", "8", "--no-center-crop",
-                                               "--prior-preservation", "--class-word", "dog"])
+                                               "--prior-preservation", "--class-word", "dog",
+                                               "--trigger", "zwx"])
     cfg = config_from_args(TrainConfig, args)
     assert (cfg.rank, cfg.center_crop, cfg.prior_preservation, cfg.prompt()) == (8, False, True, "a photo of zwx dog")
     help_text = build_parser(["train"])._subparsers._group_actions[0].choices["train"].format_help()

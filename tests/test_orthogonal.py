@@ -54,7 +54,7 @@ def lib(tmp_path_factory):
     assert half.status == "cancelled" and half.step == 2
     train(OrthogonalConfig(name="a", images=str(sets[0]), trigger="zwx", resume=True, **_common()), OrthogonalRecipe(ws), ws)
     train(OrthogonalConfig(name="b", images=str(sets[1]), trigger="qxy", **_common(seed=1)), OrthogonalRecipe(ws), ws)
-    train(TrainConfig(name="c", images=str(sets[0]), trigger="zwx", **_common()), DreamBoothRecipe(), ws)
+    train(TrainConfig(name="c", images=str(sets[0]), trigger="ucn", **_common()), DreamBoothRecipe(), ws)
     train(TrainConfig(name="d", images=str(sets[1]), trigger="qxy", **_common(seed=1)), DreamBoothRecipe(), ws)
     return ws
 
@@ -186,6 +186,8 @@ def test_merge_refusals_and_warnings(lib, tmp_path):
         lora_io.atomic_save_safetensors(path, tensors, {**meta, **changes, "modelspec.title": name})
         return path
 
+    with pytest.raises(orth.MergeRefusedError, match="same trigger 'zwx'"):  # concepts must stay callable apart
+        orth.merge_loras([_p(ws, "a"), variant("twin", **{"modelspec.trigger_phrase": "zwx"})], tmp_path / "x.safetensors")
     with pytest.raises(orth.MergeRefusedError, match="different basis seeds"):
         orth.merge_loras([_p(ws, "a"), variant("s7", **{"studio.basis_seed": "7"})], tmp_path / "x.safetensors")
     with pytest.raises(orth.MergeRefusedError, match="different base models"):
@@ -210,6 +212,24 @@ def test_merge_refusals_and_warnings(lib, tmp_path):
     assert not mixed.orthogonal and "c is not orthogonal" in mixed.warnings[0]
     with pytest.raises(InputError, match="one weight per LoRA"):
         orth.merge_loras([_p(ws, "a"), _p(ws, "b")], tmp_path / "w.safetensors", weights=[1.0])
+
+
+def test_default_triggers_are_single_rare_tokens_unique_in_the_library(tmp_path):
+    """Two trainings with the default trigger get different one-token triggers, so their merge can call each."""
+    from transformers import CLIPTokenizer
+
+    from studio.library import Workspace
+
+    ws = Workspace(tmp_path / "ws")
+    sets = _split_images(tmp_path)
+    for name, images in (("p", sets[0]), ("q", sets[1])):
+        train(OrthogonalConfig(name=name, images=str(images), **_common(steps=1)), OrthogonalRecipe(ws), ws)
+    triggers = [lora_io.inspect(_p(ws, n))["trigger"] for n in ("p", "q")]
+    tok = CLIPTokenizer.from_pretrained(str(ROOT / "assets" / "tokenizer"))
+    assert triggers[0] != triggers[1]
+    assert all(len(tok(t, add_special_tokens=False).input_ids) == 1 for t in triggers), triggers
+    res = orth.merge_loras([_p(ws, "p"), _p(ws, "q")], _p(ws, "pq"), ws=ws)
+    assert lora_io.inspect(res.path)["trigger"] == ", ".join(triggers)
 
 
 def test_crosstalk_table(lib):

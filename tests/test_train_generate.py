@@ -21,7 +21,7 @@ from .conftest import EXAMPLES
 
 
 def _cfg(**kw):
-    base = dict(name="emblem", images=str(EXAMPLES), model="tiny-sd", steps=30, lr=2e-3, rank=4, seed=0, sample_steps=3)
+    base = dict(name="emblem", images=str(EXAMPLES), model="tiny-sd", trigger="zwx", steps=30, lr=2e-3, rank=4, seed=0, sample_steps=3)
     base.update(kw)
     return TrainConfig(**base)
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from .conftest import EXAMPLES
+from trainers.triggers import RARE_TOKENS
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +59,7 @@ def test_train_then_library_then_generate(studio):
     assert job["step"] == 4 and len(job["losses"]) == 4 and job["outputs"]
     cards = client.predict(api_name="/list_loras")
     card = next(c for c in cards if c["name"] == "subject-a")
-    assert card["architecture"] == "sd15" and card["compatible"] is True and card["trigger"] == "zwx"
+    assert card["architecture"] == "sd15" and card["compatible"] is True and card["trigger"] in RARE_TOKENS  # a default trigger: one rare token
     result = client.predict("a photo of zwx", json.dumps([{"lora": "subject-a", "weight": 0.8}]), 7, 3, api_name="/generate")
     assert result["status"] == "succeeded" and result["result"]["seed"] == 7
     png = Path(result["result"]["outputs"][0])

@@ -31,7 +31,6 @@ when bitsandbytes is present (as the README command), else AdamW.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,18 +42,10 @@ from studio.library import Workspace
 from studio.models import ARCH_SDXL, architecture
 
 from .dreambooth import DreamBoothRecipe
+from .triggers import RARE_TOKENS, rare_token  # noqa: F401 - re-exported for callers of the B-LoRA recipe
 
-# Rare single-token words of the CLIP BPE vocabulary (ids > 47000, checked against assets/tokenizer): a trigger that
-# the base model associates with almost nothing.
-RARE_TOKENS = ["ohwx", "nlwx", "rcn", "hta", "ucn", "wbo", "tvc", "mwf", "gsp", "httr", "pln", "wiv",
-               "bnp", "ccd", "mgt", "pbc", "ibc", "ccu", "wafc", "pgs"]
 ROLE_SUFFIX = {"content": "-content", "style": "-style"}
 _TARGET_RE = re.compile(r"^up_blocks\.0\.attentions\.[01]\.transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
-
-
-def rare_token(seed: str) -> str:
-    """A rare CLIP token chosen deterministically from ``seed`` (the LoRA name)."""
-    return RARE_TOKENS[int(hashlib.sha256(seed.encode()).hexdigest(), 16) % len(RARE_TOKENS)]
 
 
 @dataclass(kw_only=True)

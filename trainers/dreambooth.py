@@ -79,6 +79,7 @@ class DreamBoothRecipe:
             "base_model": getattr(pipe, "studio_ref", cfg.model),
             "config": to_dict(cfg),
             "modelspec.trigger_phrase": cfg.trigger,
+            "class_word": cfg.class_word,  # with the trigger, what composition engines build concept prompts from
             "modelspec.resolution": f"{info['resolution']}x{info['resolution']}",
             **({"stopped_early": "true"} if info.get("stopped") else {}),
             **(extra or {}),

@@ -414,6 +414,10 @@ def train(cfg: TrainConfig, recipe: Recipe, ws: Workspace, *, pipe=None, events:
     if not cfg.name:
         raise InputError("Give the LoRA a name.")
     ws.check_name(cfg.name)
+    if not cfg.trigger.strip():
+        from .triggers import unique_trigger
+
+        cfg.trigger = unique_trigger(ws, cfg.name)  # one rare token per LoRA, unlike every trigger in the library
     _emit(events, type="phase", phase="loading", detail="validating images")
     refs = D.load_dataset(ws.resolve_dataset(cfg.images), use_captions=cfg.use_captions)
     names = check_targets(cfg, ws)

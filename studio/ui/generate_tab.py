@@ -313,15 +313,19 @@ def _spec(services: Services, prompt, negative, engine, active, editor_value, de
     concepts, global_loras = [], []
     painted = regions.painted_masks(editor_value)
     width, height = output_size(services.model, common.get("width"), common.get("height"))
-    template = model_hints(services.model).get("concept_prompt") or "a photo of {trigger}"
+    template = model_hints(services.model).get("concept_prompt")
     cards = {c["name"]: c for c in actions.lora_cards(services)}
     for a in active:
         if a["role"] == "style":
             global_loras.append({"lora": a["lora"], "weight": a["weight"]})
             continue
-        trigger = cards.get(a["lora"], {}).get("trigger") or a["lora"]
-        entry = {"lora": a["lora"], "weight": a["weight"], "prompt": template.format(trigger=trigger), "token": trigger,
-                 "region": None}
+        # token, class word and (by default) prompt come from the LoRA's trigger and class word, built as the engine's
+        # paper does (studio.composition.fill_concepts, shared with the CLI and the API). A model that carries its own
+        # caption language for a region (toy-xl: "a {trigger} emblem") gives the composer's region prompt.
+        entry = {"lora": a["lora"], "weight": a["weight"], "region": None}
+        trigger = cards.get(a["lora"], {}).get("trigger")
+        if engine == "composer" and template and trigger:
+            entry["prompt"] = template.format(trigger=trigger)
         if a["region"] in regions.BOXES:
             entry["region"] = {"box": list(regions.BOXES[a["region"]])}
         elif a["region"] in regions.SUBJECTS:
