@@ -106,8 +106,27 @@ class Context:
     extra: dict = field(default_factory=dict)
 
 
+class Rate(float):
+    """A proportion that remembers its counts (``k`` of ``n``), so every table can print its Wilson 95% interval."""
+
+    k: int
+    n: int
+
+    def __new__(cls, k: int, n: int):
+        r = super().__new__(cls, k / n if n else float("nan"))
+        r.k, r.n = int(k), int(n)
+        return r
+
+
 def _rate(flags: list[bool]) -> float:
-    return float(np.mean(flags)) if flags else float("nan")
+    return Rate(int(np.sum(flags)), len(flags))
+
+
+def _pool(rates: list) -> float:
+    """Pooled proportion of several rates (their counts added); a plain mean where a rate has no counts."""
+    if all(isinstance(r, Rate) for r in rates):
+        return Rate(sum(r.k for r in rates), sum(r.n for r in rates))
+    return float(np.mean(rates))
 
 
 def section_base(ctx: Context) -> dict:
@@ -322,8 +341,8 @@ def section_dreambooth(ctx: Context) -> dict:
             metrics[f"{subject}: {k} (lora)"] = res["lora"][k]
             metrics[f"{subject}: {k} (base)"] = res["base"][k]
     for k in ("subject", "recontext"):
-        metrics[f"mean {k} (lora)"] = float(np.mean([metrics[f"{s}: {k} (lora)"] for s in DB_SUBJECTS]))
-        metrics[f"mean {k} (base)"] = float(np.mean([metrics[f"{s}: {k} (base)"] for s in DB_SUBJECTS]))
+        metrics[f"mean {k} (lora)"] = _pool([metrics[f"{s}: {k} (lora)"] for s in DB_SUBJECTS])
+        metrics[f"mean {k} (base)"] = _pool([metrics[f"{s}: {k} (base)"] for s in DB_SUBJECTS])
     grid = tw.contact_sheet(grid_imgs, cols=6, scale=2)
     grid.save(ctx.out / "dreambooth_grid.png")
     return {"title": "DreamBooth-LoRA: subject fidelity and recontextualisation",
@@ -381,7 +400,7 @@ def section_orthogonal(ctx: Context) -> dict:
         row = {"metric": f"mean over the {n} merged subjects"}
         for _, label in kinds:
             for mode in ("alone", f"N={n}"):
-                v = float(np.mean([metrics[f"{s}: {label} {mode}"] for s in subjects[:n]]))
+                v = _pool([metrics[f"{s}: {label} {mode}"] for s in subjects[:n]])
                 row[f"{label} {mode if mode == 'alone' else 'merged'}"] = v
                 metrics[f"N={n} mean {label} {'alone' if mode == 'alone' else 'merged'}"] = v
         rows.append(row)
@@ -602,9 +621,9 @@ def section_vae(ctx: Context) -> dict:
     for h in VAE_HEADS:
         k, m = int(np.sum(hits["round trips"][h])), len(hits["round trips"][h])
         lo, hi = wilson(k, m)
-        rows.append({"metric": h, "renders": _rate(hits["renders"][h]), "round trips": k / m,
-                     "round trips 95% CI": f"{lo * 100:.1f}–{hi * 100:.1f}%", "n": m, "goal": VAE_GOAL})
-        metrics[f"{h} (round trips)"] = k / m
+        rows.append({"metric": h, "renders": _rate(hits["renders"][h]), "round trips": Rate(k, m),
+                     "round trips 95% CI": f"{lo * 100:.1f}–{hi * 100:.1f}%", "goal": VAE_GOAL})
+        metrics[f"{h} (round trips)"] = Rate(k, m)
     tw.contact_sheet([im for pair in zip(renders[:16], trips[:16]) for im in pair], cols=8, scale=2).save(
         ctx.out / "vae_grid.png")
     vc = vae.config
@@ -636,6 +655,9 @@ def _fmt(v, col: str = "") -> str:
         return "–"
     if isinstance(v, float) and "seconds" in col:
         return f"{v:.2f}"
+    if isinstance(v, Rate) and v.n:
+        lo, hi = wilson(v.k, v.n)
+        return f"{v * 100:.1f}% [{lo * 100:.0f}–{hi * 100:.0f}] n={v.n}"
     if isinstance(v, float):
         return "n/a" if v != v else f"{v * 100:.1f}%"
     return str(v)
@@ -647,7 +669,7 @@ def to_markdown(report: dict) -> str:
     for name, sec in report["sections"].items():
         lines += [f"## {sec['title']}", "", "Setup: " + ", ".join(f"{k}={v}" for k, v in sec["setup"].items()), ""]
         cols = list(dict.fromkeys(k for r in sec["rows"] for k in r))  # every row's columns, in first-seen order
-        lines.append("| " + " | ".join(cols) + " |")
+        lines.append("| " + " | ".join(cols) + " |")  # proportions print as "rate% [Wilson 95% interval] n=…"
         lines.append("|" + "---|" * len(cols))
         for r in sec["rows"]:
             lines.append("| " + " | ".join(_fmt(r.get(c), c) if c != "metric" else r[c] for c in cols) + " |")
