@@ -705,6 +705,7 @@ SECTIONS: dict[str, Callable[[Context], dict]] = {
     "vae": section_vae,
     "blocks": section_blocks,
 }
+DEFAULT_SECTIONS = ("base", "dreambooth", "orthogonal", "decor", "composition", "blora")  # vae, blocks: on request
 
 
 # ------------------------------------------------------------------------------------------------
@@ -746,7 +747,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--model", default=str(DEFAULT_MODEL), help="toy pipeline folder")
     ap.add_argument("--judge", default=None, help="judge folder (default assets/judge)")
-    ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, from: {', '.join(SECTIONS)} (default: all)")
+    ap.add_argument("--sections", default=",".join(DEFAULT_SECTIONS),
+                    help=f"comma-separated, from: {', '.join(SECTIONS)} (default: {', '.join(DEFAULT_SECTIONS)})")
     ap.add_argument("--per-prompt", type=int, default=4, help="method sections: images per prompt")
     ap.add_argument("--n-compose", type=int, default=8, help="composition: images per engine")
     ap.add_argument("--no-concept-position", dest="concept_position", action="store_false",
