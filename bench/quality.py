@@ -22,6 +22,11 @@ against the simplest baseline (the base model with the same prompt, or a naive m
   α ∈ {0, 0.5, 1} (remove text = the references' background phrase).
 * ``composition``: two subject LoRAs in left/right boxes with the merge, composer and clora engines.
 * ``blora``: B-LoRA content of a held-out subject image + style of a held-out style image.
+* ``blocks``: per-block prompt injection, which up_blocks attentions carry content and which carry style
+  (the B-LoRA paper's analysis) on the base model.
+* ``vae``: the judge on fresh renders and on their VAE round trips (encode, decode): what any model on this
+  VAE can at best be read as (goal ≥ 97% on every head), with Wilson 95% intervals. ``--vae FOLDER`` measures
+  another VAE (a folder with ``vae/``, e.g. ``assets/toy-vae``).
 
 Outputs in ``--out`` (default ``bench/results/``): ``quality.json``, ``quality.md`` and one PNG
 grid per section.
@@ -103,8 +108,27 @@ class Context:
     extra: dict = field(default_factory=dict)
 
 
+class Rate(float):
+    """A proportion that remembers its counts (``k`` of ``n``), so every table can print its Wilson 95% interval."""
+
+    k: int
+    n: int
+
+    def __new__(cls, k: int, n: int):
+        r = super().__new__(cls, k / n if n else float("nan"))
+        r.k, r.n = int(k), int(n)
+        return r
+
+
 def _rate(flags: list[bool]) -> float:
-    return float(np.mean(flags)) if flags else float("nan")
+    return Rate(int(np.sum(flags)), len(flags))
+
+
+def _pool(rates: list) -> float:
+    """Pooled proportion of several rates (their counts added); a plain mean where a rate has no counts."""
+    if all(isinstance(r, Rate) for r in rates):
+        return Rate(sum(r.k for r in rates), sum(r.n for r in rates))
+    return float(np.mean(rates))
 
 
 def section_base(ctx: Context) -> dict:
@@ -319,8 +343,8 @@ def section_dreambooth(ctx: Context) -> dict:
             metrics[f"{subject}: {k} (lora)"] = res["lora"][k]
             metrics[f"{subject}: {k} (base)"] = res["base"][k]
     for k in ("subject", "recontext"):
-        metrics[f"mean {k} (lora)"] = float(np.mean([metrics[f"{s}: {k} (lora)"] for s in DB_SUBJECTS]))
-        metrics[f"mean {k} (base)"] = float(np.mean([metrics[f"{s}: {k} (base)"] for s in DB_SUBJECTS]))
+        metrics[f"mean {k} (lora)"] = _pool([metrics[f"{s}: {k} (lora)"] for s in DB_SUBJECTS])
+        metrics[f"mean {k} (base)"] = _pool([metrics[f"{s}: {k} (base)"] for s in DB_SUBJECTS])
     grid = tw.contact_sheet(grid_imgs, cols=6, scale=2)
     grid.save(ctx.out / "dreambooth_grid.png")
     return {"title": "DreamBooth-LoRA: subject fidelity and recontextualisation",
@@ -378,7 +402,7 @@ def section_orthogonal(ctx: Context) -> dict:
         row = {"metric": f"mean over the {n} merged subjects"}
         for _, label in kinds:
             for mode in ("alone", f"N={n}"):
-                v = float(np.mean([metrics[f"{s}: {label} {mode}"] for s in subjects[:n]]))
+                v = _pool([metrics[f"{s}: {label} {mode}"] for s in subjects[:n]])
                 row[f"{label} {mode if mode == 'alone' else 'merged'}"] = v
                 metrics[f"N={n} mean {label} {'alone' if mode == 'alone' else 'merged'}"] = v
         rows.append(row)
@@ -563,6 +587,118 @@ def section_blora(ctx: Context) -> dict:
             "notes": "grid: the content image, the style image, then 8 images per row in table order"}
 
 
+ABLATION_BLOCKS = ("up_blocks.0.attentions.0", "up_blocks.0.attentions.1", "up_blocks.0.attentions.2", "up_blocks.1",
+                   "mid_block", "down_blocks")
+
+
+def section_blocks(ctx: Context) -> dict:
+    """Per-block prompt injection (the B-LoRA paper's analysis, Sec. 4): prompt A everywhere except the
+    cross-attentions of one block, which see prompt B (another shape, colour and style, same background and
+    place). Which of B's attributes appear tells what that block carries. The pooled text embedding (SDXL's
+    added conditioning) stays A's everywhere, as in the paper."""
+    import random as _random
+    from contextlib import ExitStack
+
+    from pipelines.blora import block_prompt_injection
+
+    rng = _random.Random(f"blocks-{ctx.seed}")
+    pairs = []
+    for _ in range(ctx.extra.get("block_pairs", 8)):
+        a = tw.sample_scene(rng, two_object_prob=0.0)
+        o = a.main
+        b = a.with_(objects=(tw.Obj(tw._pick(rng, tw.SHAPES, exclude=(o.shape,)),
+                                    tw._pick(rng, tw.COLOR_NAMES, exclude=(o.color, a.bg_color)), o.size, o.position),),
+                    style=tw._pick(rng, tw.STYLES, exclude=(a.style,)))
+        pairs.append((a, b))
+    per = ctx.per_prompt
+    conds = [("prompt A everywhere", "A", ()), ("prompt B everywhere", "B", ()),
+             ("B in every cross-attention", "A", ("down_blocks", "mid_block", "up_blocks"))]
+    conds += [(f"B in {blk}", "A", (blk,)) for blk in ABLATION_BLOCKS]
+    rows, metrics, grid = [], {}, []
+    for label, base, blocks in conds:
+        hits = {k: [] for k in ("shape=B", "color=B", "style=B", "shape=A", "style=A")}
+        for i, (a, b) in enumerate(pairs):
+            prompt = tw.caption(a if base == "A" else b)
+            seeds = [ctx.seed * 1000 + 50 * i + j for j in range(per)]
+            with ExitStack() as stack:
+                for blk in blocks:
+                    stack.enter_context(block_prompt_injection(ctx.pipe, tw.caption(b), per, blk))
+                imgs = generate(ctx.pipe, [prompt] * per, seeds, ctx.steps, ctx.guidance, batch=per)
+            for p in ctx.judge.predict(imgs):
+                hits["shape=B"].append(p["shape"] == b.main.shape)
+                hits["color=B"].append(p["color"] == b.main.color)
+                hits["style=B"].append(p["style"] == b.style)
+                hits["shape=A"].append(p["shape"] == a.main.shape)
+                hits["style=A"].append(p["style"] == a.style)
+            grid.append(imgs[0])
+        r = {"metric": label, **{f"judged {k}": _rate(v) for k, v in hits.items()}}
+        rows.append(r)
+        metrics.update({f"{label}: {k}": v for k, v in r.items() if k != "metric"})
+    tw.contact_sheet(grid, cols=len(pairs), scale=2).save(ctx.out / "blocks_grid.png")
+    return {"title": "Which UNet blocks carry content and style: per-block prompt injection (B-LoRA's analysis)",
+            "setup": {"pairs": len(pairs), "images_per_pair": per, "gen_steps": ctx.steps, "guidance": ctx.guidance,
+                      "seed": ctx.seed, "blocks": ", ".join(ABLATION_BLOCKS)},
+            "metrics": metrics, "rows": rows, "grid": "blocks_grid.png",
+            "notes": "A and B differ in shape, colour and style (same background and place). A block carries content if "
+                     "'shape=B' rises when only it sees B, style if 'style=B' does. What would change the conclusion: "
+                     "a base whose own style fidelity ('prompt B everywhere', style=B) is low cannot show a style block; "
+                     "grid: one image per pair, rows in table order."}
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score 95% interval of a proportion k/n."""
+    if n == 0:
+        return float("nan"), float("nan")
+    p = k / n
+    d = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    h = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / d
+    return max(0.0, c - h), min(1.0, c + h)
+
+
+VAE_HEADS = ("shape", "color", "background", "bg_color", "style", "position")
+VAE_GOAL = 0.97
+
+
+def section_vae(ctx: Context) -> dict:
+    """The judge on renders vs on VAE round trips of the same renders (the VAE's ceiling for any UNet)."""
+    from studio.judge import agreement, round_trip
+
+    vae = ctx.pipe.vae
+    if ctx.extra.get("vae"):
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(ctx.extra["vae"], subfolder="vae", dtype=torch.float32).eval()
+    n = ctx.extra.get("vae_n", 1000)
+    scenes = tw.sample_scenes(n, seed=999)  # pretraining-world scenes (as toyworld-notes.md measured)
+    renders = list(tw.render_array(scenes))
+    t0 = time.time()
+    trips = round_trip(vae, renders)
+    secs = time.time() - t0
+    hits = {k: {h: [] for h in VAE_HEADS} for k in ("renders", "round trips")}
+    for key, imgs in (("renders", renders), ("round trips", trips)):
+        for sc, p in zip(scenes, ctx.judge.predict(imgs)):
+            for h, ok in agreement(sc, p).items():
+                if h in VAE_HEADS:
+                    hits[key][h].append(ok)
+    rows, metrics = [], {}
+    for h in VAE_HEADS:
+        rows.append({"metric": h, "renders": _rate(hits["renders"][h]), "round trips": _rate(hits["round trips"][h]),
+                     "goal": VAE_GOAL})
+        metrics[f"{h} (round trips)"] = rows[-1]["round trips"]
+    from PIL import Image
+
+    tw.contact_sheet([Image.fromarray(im) for pair in zip(renders[:16], trips[:16]) for im in pair], cols=8, scale=2).save(
+        ctx.out / "vae_grid.png")
+    vc = vae.config
+    return {"title": "VAE round trips: what the judge can still read", "metrics": metrics, "rows": rows,
+            "setup": {"vae": ctx.extra.get("vae") or "the model's", "latent": f"{vc.latent_channels}x16x16",
+                      "scenes": n, "seed": 999, "round_trip_seconds": round(secs, 1)},
+            "grid": "vae_grid.png", "goals_met": {h: r["round trips"] >= VAE_GOAL for h, r in zip(VAE_HEADS, rows)},
+            "notes": "grid: pairs of (render, round trip). What would change the conclusion: a head whose interval "
+                     "straddles 97% needs more scenes (--vae-n) before it is called met or missed."}
+
+
 SECTIONS: dict[str, Callable[[Context], dict]] = {
     "base": section_base,
     "dreambooth": section_dreambooth,
@@ -570,7 +706,10 @@ SECTIONS: dict[str, Callable[[Context], dict]] = {
     "decor": section_decor,
     "composition": section_composition,
     "blora": section_blora,
+    "vae": section_vae,
+    "blocks": section_blocks,
 }
+DEFAULT_SECTIONS = ("base", "dreambooth", "orthogonal", "decor", "composition", "blora")  # vae, blocks: on request
 
 
 # ------------------------------------------------------------------------------------------------
@@ -582,6 +721,9 @@ def _fmt(v, col: str = "") -> str:
         return "–"
     if isinstance(v, float) and "seconds" in col:
         return f"{v:.2f}"
+    if isinstance(v, Rate) and v.n:
+        lo, hi = wilson(v.k, v.n)
+        return f"{v * 100:.1f}% [{lo * 100:.0f}–{hi * 100:.0f}] n={v.n}"
     if isinstance(v, float):
         return "n/a" if v != v else f"{v * 100:.1f}%"
     return str(v)
@@ -593,7 +735,7 @@ def to_markdown(report: dict) -> str:
     for name, sec in report["sections"].items():
         lines += [f"## {sec['title']}", "", "Setup: " + ", ".join(f"{k}={v}" for k, v in sec["setup"].items()), ""]
         cols = list(dict.fromkeys(k for r in sec["rows"] for k in r))  # every row's columns, in first-seen order
-        lines.append("| " + " | ".join(cols) + " |")
+        lines.append("| " + " | ".join(cols) + " |")  # proportions print as "rate% [Wilson 95% interval] n=…"
         lines.append("|" + "---|" * len(cols))
         for r in sec["rows"]:
             lines.append("| " + " | ".join(_fmt(r.get(c), c) if c != "metric" else r[c] for c in cols) + " |")
@@ -609,7 +751,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--model", default=str(DEFAULT_MODEL), help="toy pipeline folder")
     ap.add_argument("--judge", default=None, help="judge folder (default assets/judge)")
-    ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, from: {', '.join(SECTIONS)} (default: all)")
+    ap.add_argument("--sections", default=",".join(DEFAULT_SECTIONS),
+                    help=f"comma-separated, from: {', '.join(SECTIONS)} (default: {', '.join(DEFAULT_SECTIONS)})")
     ap.add_argument("--per-prompt", type=int, default=4, help="method sections: images per prompt")
     ap.add_argument("--n-compose", type=int, default=8, help="composition: images per engine")
     ap.add_argument("--no-concept-position", dest="concept_position", action="store_false",
@@ -623,6 +766,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--vae", default=None, help="vae section: measure this folder's vae/ instead of the model's")
+    ap.add_argument("--vae-n", type=int, default=1000, help="vae section: scenes")
+    ap.add_argument("--device", default="cpu", help="generation device of the base section (cuda where there is one)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -636,15 +782,17 @@ def main(argv=None) -> int:
     from studio.models import load_pipeline
 
     model_ref = "toy-xl" if Path(args.model).resolve() == DEFAULT_MODEL.resolve() else str(args.model)
-    pipe = load_pipeline(model_ref, device="cpu", dtype=torch.float32)
+    pipe = load_pipeline(model_ref, device=args.device, dtype=torch.float32)
     ctx = Context(pipe=pipe, judge=judge, out=out, n=args.n, n_two=args.n_two, steps=args.steps,
                   guidance=args.guidance, seed=args.seed, batch=args.batch, model_ref=model_ref,
                   per_prompt=args.per_prompt, n_compose=args.n_compose, concept_position=args.concept_position,
                   orth_counts=tuple(int(x) for x in args.orth_counts.split(",") if x.strip()))
+    ctx.extra.update(vae=args.vae, vae_n=args.vae_n)
     if not ctx.orth_counts or not all(1 <= n <= len(ORTH_SUBJECTS) for n in ctx.orth_counts):
         ap.error(f"--orth-counts: numbers from 1 to {len(ORTH_SUBJECTS)}")
     report = {"model": str(args.model), "judge": args.judge or "assets/judge", "date": time.strftime("%Y-%m-%d %H:%M"),
-              "machine": f"{platform.machine()} CPU, {args.threads} thread(s), torch {torch.__version__}",
+              "machine": f"{platform.machine()} CPU, {args.threads} thread(s), torch {torch.__version__}"
+              + (f", generation on {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""),
               "sections": {}}
     t0 = time.time()
     for name in names:

@@ -125,6 +125,10 @@ class Judge:
         if {h: tuple(c) for h, c in meta["heads"].items()} != HEADS:
             raise ValueError(f"{path}: the judge's classes do not match studio.toyworld; retrain it "
                              "with scripts/train_judge.py")
+        version = meta.get("training", {}).get("world_version", 1)
+        if version != tw.WORLD_VERSION:
+            raise ValueError(f"{path}: the judge was trained on toy world version {version}, this is version "
+                             f"{tw.WORLD_VERSION}; retrain it with scripts/train_judge.py")
         net = JudgeNet(meta["arch"]["widths"], meta["arch"]["hidden"])
         state = {k: v.float() for k, v in load_file(str(path / "judge.safetensors")).items()}
         net.load_state_dict(state, strict=False)  # num_batches_tracked is not stored
@@ -167,3 +171,16 @@ def accuracy(judge: Judge, scenes: Sequence[tw.Scene], images: Sequence | None =
         for h, ok in agreement(s, p).items():
             hits[h].append(ok)
     return {h: float(np.mean(v)) for h, v in hits.items() if v}
+
+
+@torch.no_grad()
+def round_trip(vae, images: Sequence, batch: int = 256) -> list[np.ndarray]:
+    """Encode then decode images through a VAE (posterior mode); uint8 HxWx3 arrays for ``Judge.predict``."""
+    p = next(vae.parameters())
+    out = []
+    for i in range(0, len(images), batch):
+        x = to_batch(images[i:i + batch]).to(p.device, p.dtype)
+        rec = vae.decode(vae.encode(x).latent_dist.mode()).sample.float().clamp(-1, 1)
+        out.extend(((rec + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy())
+    return out
+

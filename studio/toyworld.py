@@ -11,14 +11,20 @@ A scene is one or two objects on a background, drawn in a rendering style:
   colour, so an object always stands out; the samplers never give an object its background's colour)
 * sizes: small, medium, large; positions: left, center, right
 * backgrounds: plain, stripes, dots, checker, gradient
-* styles: flat, outline, hatched, soft (blurred), mosaic (pixelated)
+* styles: flat, outline (3 px stroke), hatched (diagonal bands of 4 px, period 8), soft (blurred),
+  mosaic (4 px blocks)
 
 Held-out concepts are never produced by the pretraining sampler: they are the customization
 targets (a few reference images of one, as a user would upload photos of their dog):
 
 * 5 subjects, two-colour emblems with a name: kavo (shield with a band), tesh (diamond with an
   eye), morl (crescent with a dot), quib (heart in a heart), zeph (disc with a bolt)
-* 2 styles: neon (glowing outline with a pale core), stippled (fill made of dots)
+* 2 styles: neon (glowing outline with a pale core), stippled (fill made of 3 px dots, period 5)
+
+World version 2 (``WORLD_VERSION``): every style is told apart by detail several pixels wide (strokes, bands,
+dots, blocks), so it survives a VAE that encodes 4x4 pixel patches; version 1 drew 1-2 px lines (outline
+stroke 2 px, hatch period 6 with 2 px lines, stipple period 4), which a 64 px autoencoder blurred into
+``soft``. Captions, attributes and samplers are unchanged.
 
 Captions are plain English built from the attributes, e.g.
 ``"a red star on the left, on a blue striped background, outline style"`` or, with two objects,
@@ -37,6 +43,7 @@ import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageFilter
 
 SIZE = 64  # image side in pixels
+WORLD_VERSION = 2  # bump when rendering changes: the judge and toy-xl must then be retrained
 _SS = 4  # supersampling factor for anti-aliased masks
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "hexagon", "cross", "ring", "arrow")
@@ -342,8 +349,8 @@ def _lighten(rgb: tuple[int, int, int], k: float) -> tuple[int, int, int]:
 
 
 _YY, _XX = np.mgrid[0:SIZE, 0:SIZE]
-_PATTERN_HATCH = (((_XX + _YY) % 6) < 2).astype(np.float32)
-_PATTERN_STIPPLE = (((_XX % 4) < 2) & (((_YY + 2 * ((_XX // 4) % 2)) % 4) < 2)).astype(np.float32)
+_PATTERN_HATCH = (((_XX + _YY) % 8) < 4).astype(np.float32)  # diagonal bands, about 2.8 px wide, period 5.7 px
+_PATTERN_STIPPLE = (((_XX % 5) < 3) & (((_YY + 2 * ((_XX // 5) % 2)) % 5) < 3)).astype(np.float32)  # 3x3 dots
 
 
 def _background(scene: Scene) -> np.ndarray:
@@ -432,15 +439,15 @@ def _draw_object(canvas: np.ndarray, obj: Obj, style: str, rng: random.Random) -
     out = canvas
     for a, col in layers:
         if style == "outline":
-            out = _composite(out, col, np.clip(a - _erode(a, 2), 0, 1))
+            out = _composite(out, col, np.clip(a - _erode(a, 3), 0, 1))
         elif style == "hatched":
-            edge = np.clip(a - _erode(a, 1), 0, 1)
+            edge = np.clip(a - _erode(a, 2), 0, 1)
             out = _composite(out, col, np.maximum(a * _PATTERN_HATCH, edge))
         elif style == "stippled":
             out = _composite(out, col, a * _PATTERN_STIPPLE)
         elif style == "neon":
-            edge = np.clip(a - _erode(a, 1), 0, 1)
-            glow = _dilate_blur(edge, 1, 1.6)
+            edge = np.clip(a - _erode(a, 2), 0, 1)
+            glow = _dilate_blur(edge, 2, 2.0)
             out = _composite(out, col, np.clip(glow * 0.9, 0, 1))
             out = _composite(out, _lighten(col, 0.7), edge)
         else:  # pragma: no cover
@@ -507,3 +514,21 @@ def contact_sheet(images: Sequence[Image.Image], cols: int = 8, scale: int = 1, 
             im = im.resize((w, h), Image.NEAREST)
         sheet.paste(im, (pad + (i % cols) * (w + pad), pad + (i // cols) * (h + pad)))
     return sheet
+
+
+def _render_chunk(scenes: Sequence[Scene]) -> np.ndarray:
+    return np.stack([np.asarray(render(s), dtype=np.uint8) for s in scenes])
+
+
+def render_array(scenes: Sequence[Scene], workers: int = 1, chunk: int = 500) -> np.ndarray:
+    """Render many scenes to one ``(N, 64, 64, 3)`` uint8 array, in ``workers`` processes (same pixels as render())."""
+    scenes = list(scenes)
+    if not scenes:
+        return np.zeros((0, SIZE, SIZE, 3), np.uint8)
+    parts = [scenes[i:i + chunk] for i in range(0, len(scenes), chunk)]
+    if workers <= 1 or len(parts) == 1:
+        return np.concatenate([_render_chunk(p) for p in parts])
+    import multiprocessing as mp
+
+    with mp.get_context("fork").Pool(workers) as pool:
+        return np.concatenate(pool.map(_render_chunk, parts))
