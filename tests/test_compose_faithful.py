@@ -1,6 +1,10 @@
 """Composition run as the papers run it (issue 16): CLoRA's official prompts, groups and schedule, the papers'
 samplers, concept tokens from the LoRA's trigger, and what each engine did recorded with the image."""
 
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +13,7 @@ from pipelines.compose import Sampler, compose
 from pipelines.generate import read_png_params
 from studio.composition import CloraOptions, CompositionSpec, clora_groups, concept_prompt, resolve
 from studio.errors import InputError
+from studio.library import Workspace
 from tests.test_compose import make_lora
 
 
@@ -46,7 +51,9 @@ def ui_spec(loras, engine="clora", **kw):
 
     active = [{"lora": str(p), "weight": 1.0, "role": "subject", "region": "everywhere"} for p in loras[:2]]
     common = dict(seed=5, steps=4, guidance=7.5, width=64, height=64)
-    d = _spec(None, "a dog and a cat", "", engine, active, None, "", 1.0, common)
+    # the tab's services need only a model name and a workspace here (rows name LoRA files, not library entries)
+    services = SimpleNamespace(model="tiny-sdxl", arch=None, ws=Workspace(Path(tempfile.mkdtemp()) / "ws"))
+    d = _spec(services, "a dog and a cat", "", engine, active, None, "", 1.0, common)
     d.update(kw)
     return CompositionSpec(**d)
 

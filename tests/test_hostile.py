@@ -84,7 +84,7 @@ API_CASES = [
     ("train-rank-string", "/train", (IMG, "x", "dreambooth", '{"rank": "4"}'), {}, "rank must be a whole number"),
     ("train-steps-text", "/train", (IMG, "x", "dreambooth", '{"steps": "abc"}'), {}, "steps must be a whole number"),
     ("train-template", "/train", (IMG, "x", "dreambooth", '{"instance_prompt": "{foo}"}'), {}, "may only use"),
-    ("train-trigger-null", "/train", (IMG, "x", "dreambooth", '{"trigger": null}'), {}, "trigger token must not be empty"),
+    ("train-trigger-blank", "/train", (IMG, "x", "dreambooth", '{"trigger": "  "}'), {}, "trigger token must not be blank"),
     ("train-unknown-key", "/train", (IMG, "x", "dreambooth", '{"stpes": 3}'), {}, r"unknown setting.*stpes.*valid:.*steps"),
     ("train-lr-inf", "/train", (IMG, "x", "dreambooth", '{"lr": Infinity}'), {}, "lr must be a finite number"),
     ("train-lr-nan", "/train", (IMG, "x", "dreambooth", '{"lr": NaN}'), {}, "learning rate must be positive"),

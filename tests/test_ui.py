@@ -358,7 +358,9 @@ def test_picking_a_lora_applies_it(studio):
 
     services, _, _, _ = studio
     if not services.ws.lora_path("pick-me").exists():
-        train(TrainConfig(name="pick-me", images=str(EXAMPLES), model="tiny-sd", steps=2, rank=2, sample_steps=2, trigger="pkm"),
+        src = services.ws.root / "datasets" / "pick-me-src"  # the studio's workspace is confined: images live inside
+        shutil.copytree(EXAMPLES, src, dirs_exist_ok=True)
+        train(TrainConfig(name="pick-me", images=str(src), model="tiny-sd", steps=2, rank=2, sample_steps=2, trigger="pkm"),
               DreamBoothRecipe(), services.ws)
     rows = picked_rows([("pick-me", 0.7, "subject", "everywhere"), (None, 1.0, "subject", "everywhere")])
     kind, cfg, notes, _ = build_request(services, "a photo of <lora:pick-me> on a beach", "", "merge", rows, None, "", 1.0,
