@@ -17,7 +17,7 @@ torch_pin=$(grep -E '^torch==' "$lock")
 $pip install -q -c "$lock" pip setuptools
 if [ "$lock" = scripts/lock-cpu.txt ]; then
   # The CPU wheel: from this machine's wheel folder where it has one, else from PyTorch's CPU index.
-  "$venv/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '${torch_pin#torch==}')" 2>/dev/null ||
+  "$venv/bin/python" -c "import torch, sys; sys.exit(torch.__version__ != '${torch_pin#torch==}')" 2>/dev/null ||
     $pip install -q "$torch_pin" --no-deps --no-index 2>/dev/null ||
     $pip install -q "$torch_pin" --index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple
 fi

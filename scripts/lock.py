@@ -6,8 +6,8 @@
                                                  # suite, print what differs from the lock
     python3 scripts/lock.py diff VENV            # what VENV has that differs from scripts/lock-cpu.txt
 
-``scripts/lock-cpu.txt`` is a pip constraints file of every package of the CPU install (torch pinned without its
-``+cpu`` label, so the same line fits the CPU wheel). ``scripts/lock-cuda.txt`` has the same library versions with the
+``scripts/lock-cpu.txt`` is a pip constraints file of every package of the CPU install, spelled as ``pip freeze``
+prints them (torch with its ``+cpu`` label: the CPU wheel). ``scripts/lock-cuda.txt`` has the same library versions with the
 CUDA build of the same torch from PyPI and its NVIDIA packages, resolved for Linux x86-64 and this Python.
 ``scripts/install.sh`` installs from one of them. Refreshing: run ``make test-latest``; when it passes, ``make lock``
 and commit both files.
@@ -72,7 +72,7 @@ def freeze(py: Path) -> dict[str, str]:
     for line in out.splitlines():
         if "==" in line and not line.startswith("#"):
             name, ver = line.split("==", 1)
-            pins[norm(name)] = ver.split("+", 1)[0] if norm(name) == "torch" else ver
+            pins[name] = ver  # pip's own spelling (Jinja2, gradio_client, torch 2.13.0+cpu), as `pip freeze` prints
     return pins
 
 
@@ -82,34 +82,36 @@ def read_lock(path: Path = CPU_LOCK) -> dict[str, str]:
         line = line.split("#", 1)[0].strip()
         if "==" in line:
             name, ver = line.split("==", 1)
-            pins[norm(name)] = ver.strip()
+            pins[name.strip()] = ver.strip()
     return pins
 
 
 def write_lock(path: Path, pins: dict[str, str], how: str) -> None:
     text = HEADER.format(how=how, py=".".join(map(str, sys.version_info[:3])))
-    text += "".join(f"{k}=={v}\n" for k, v in sorted(pins.items()))
+    text += "".join(f"{k}=={v}\n" for k, v in sorted(pins.items(), key=lambda kv: norm(kv[0])))
     path.write_text(text)
     print(f"wrote {path.relative_to(ROOT)} ({len(pins)} packages)")
 
 
 def cuda_pins(cpu: dict[str, str]) -> dict[str, str]:
     """Resolve the CUDA build of the locked torch on PyPI (no local wheels), the other pins held fixed."""
+    torch_public = next(v for k, v in cpu.items() if norm(k) == "torch").split("+", 1)[0]
     with tempfile.TemporaryDirectory() as tmp:
         cons = Path(tmp) / "c.txt"
-        cons.write_text("".join(f"{k}=={v}\n" for k, v in cpu.items() if k != "torch"))
+        cons.write_text("".join(f"{k}=={v}\n" for k, v in cpu.items() if norm(k) != "torch"))
         report = Path(tmp) / "r.json"
         env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
         env["PIP_CONFIG_FILE"] = os.devnull  # PyPI only: the machine's local CPU wheels must not answer
         run([sys.executable, "-m", "pip", "install", "-q", "--dry-run", "--ignore-installed", "--report", str(report),
              "--only-binary=:all:", *PLATFORMS, "--implementation", "cp",
              "--python-version", f"{sys.version_info[0]}{sys.version_info[1]}", "--target", str(Path(tmp) / "t"),
-             "-c", str(cons), f"torch=={cpu['torch']}"], env=env)
+             "-c", str(cons), f"torch=={torch_public}"], env=env)
         items = json.loads(report.read_text())["install"]
-    pins = dict(cpu)
+    pins = {norm(k): (k, v) for k, v in cpu.items()}
     for it in items:
-        pins[norm(it["metadata"]["name"])] = it["metadata"]["version"]
-    return pins
+        name = it["metadata"]["name"]
+        pins[norm(name)] = (pins.get(norm(name), (name, None))[0], it["metadata"]["version"])
+    return dict(pins.values())
 
 
 def cmd_lock() -> int:
@@ -141,7 +143,8 @@ def index_newest(py: Path, name: str) -> str | None:
 
 def report(py: Path) -> None:
     """Print how the packages in the venv ``py`` differ from the lock, and newer releases the ranges exclude."""
-    lock, got = read_lock(), freeze(py)
+    lock = {norm(k): v for k, v in read_lock().items()}
+    got = {norm(k): v for k, v in freeze(py).items()}
     changed = sorted(k for k in set(lock) | set(got) if lock.get(k) != got.get(k))
     print("\n== Differences from scripts/lock-cpu.txt ==")
     for k in changed:

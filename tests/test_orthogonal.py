@@ -288,7 +288,8 @@ def test_slot_status_and_nested_merges(lib, tiny_sd, tmp_path):
     # a merge of a merge keeps every member's slot occupied
     orth.merge_loras([_p(ws, "a"), _p(ws, "b")], _p(ws, "ab-inner"))
     tensors, meta = lora_io.read_tensors(_p(ws, "b"))
-    lora_io.atomic_save_safetensors(tmp_path / "c3.safetensors", tensors, {**meta, "studio.slot": "5", "modelspec.title": "c3"})
+    lora_io.atomic_save_safetensors(tmp_path / "c3.safetensors", tensors, {**meta, "studio.slot": "5", "modelspec.title": "c3",
+                                                                      "modelspec.trigger_phrase": "kcq"})
     orth.merge_loras([_p(ws, "ab-inner"), tmp_path / "c3.safetensors"], tmp_path / "outer.safetensors")
     _, outer = lora_io.read_header(tmp_path / "outer.safetensors")
     slots = sorted(info["slot"] for _, _, info in orth._concept_columns(outer))
