@@ -1,5 +1,6 @@
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -38,3 +39,21 @@ def images(tmp_path):
     d = tmp_path / "images"
     shutil.copytree(EXAMPLES, d)
     return d
+
+
+@contextmanager
+def served(services):
+    """The studio of ``services`` launched on a free local port: yields ``(client, url)``, then shuts everything down."""
+    from gradio_client import Client
+
+    from studio.ui import build_demo, launch
+
+    demo = build_demo(services)
+    _, url, _ = launch(demo, port=None, prevent_thread_lock=True, workspace=services.ws.root)
+    client = Client(url, verbose=False)
+    try:
+        yield client, url
+    finally:
+        client.close()
+        demo.close()
+        services.worker.close()

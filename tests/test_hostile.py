@@ -20,7 +20,7 @@ import torch
 
 from studio.errors import InputError, LoraFormatError, ModelError, StudioError
 
-from .conftest import EXAMPLES, ROOT
+from .conftest import EXAMPLES, ROOT, served
 
 SMALL = {"steps": 2, "rank": 2, "sample_steps": 1}
 
@@ -32,11 +32,8 @@ def _lora_snapshot(ws) -> dict:
 @pytest.fixture(scope="module")
 def studio(tmp_path_factory):
     """A launched studio with one trained LoRA 'good' and a NaN copy 'poisoned' placed in the library directly."""
-    from gradio_client import Client
-
     from studio import lora_io
     from studio.config import TrainConfig
-    from studio.ui import build_demo, launch
     from studio.ui.actions import Services
     from trainers.dreambooth import DreamBoothRecipe
     from trainers.loop import train
@@ -53,15 +50,8 @@ def studio(tmp_path_factory):
     lora_io.atomic_save_safetensors(root / "poisoned.safetensors", tensors, meta)
     lora_io.atomic_save_safetensors(ws.lora_path("poisoned"), tensors, meta)
     (ws.loras / "pet-content.safetensors").write_bytes(ws.lora_path("good").read_bytes())
-    demo = build_demo(services)
-    _, url, _ = launch(demo, port=None, prevent_thread_lock=True, workspace=ws.root)
-    client = Client(url, verbose=False)
-    try:
+    with served(services) as (client, _):
         yield services, client, root, key
-    finally:
-        client.close()
-        demo.close()
-        services.worker.close()
 
 
 def _img():

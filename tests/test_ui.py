@@ -8,28 +8,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from .conftest import EXAMPLES
+from .conftest import EXAMPLES, served
 from trainers.triggers import RARE_TOKENS
 
 
 @pytest.fixture(scope="module")
 def studio(tmp_path_factory):
-    from gradio_client import Client
-
-    from studio.ui import build_demo, launch
     from studio.ui.actions import Services
 
     root = tmp_path_factory.mktemp("studio")
     services = Services.create(root / "ws", "tiny-sd")
-    demo = build_demo(services)
-    _, url, _ = launch(demo, port=None, prevent_thread_lock=True, workspace=services.ws.root)
-    client = Client(url, verbose=False)
-    try:
+    with served(services) as (client, url):
         yield services, client, url, root
-    finally:
-        client.close()
-        demo.close()
-        services.worker.close()
 
 
 def _wait(client, job_id, timeout=600):
