@@ -1,11 +1,13 @@
 """Measure which share of a LoRA file's tensors each client applies (the README's "Loads in" table).
 
-    python bench/lora_interop.py --kohya /tmp/sd-scripts --comfyui /tmp/ComfyUI [--json bench/lora_interop.json]
+    python bench/lora_interop.py --kohya /tmp/sd-scripts --comfyui /tmp/ComfyUI --a1111 /tmp/stable-diffusion-webui \
+        [--json bench/lora_interop.json]
 
 Outgoing: a studio LoRA on tiny-sd / tiny-sdxl (all UNet layer kinds + CLIP, random weights), exported as kohya and as
 diffusers files, then read by kohya sd-scripts' ``create_network_from_weights`` + ``load_state_dict`` (the network it
 builds for the bundled model: diffusers UNet for SD1.5, kohya's own SDXL blocks for SDXL), by ComfyUI's
-``model_lora_keys_*`` key maps and by plain diffusers ``load_lora_weights``. Incoming: the client-made fixtures in
+``model_lora_keys_*`` key maps, by A1111's ``load_network`` (``extensions-builtin/Lora/networks.py``, on A1111's layer
+names of the bundled model) and by plain diffusers ``load_lora_weights``. Incoming: the client-made fixtures in
 ``tests/fixtures/interop`` read by plain diffusers and by the studio. "applied" counts modules whose B·A lands on a
 layer with the scale the file asks for (diffusers, studio) or tensors the client matched to a layer (kohya, ComfyUI).
 """
@@ -54,14 +56,22 @@ def studio_lora(model: str, out: Path) -> dict[str, Path]:
     return files
 
 
-def placed_share(pipe, path: Path, load) -> str:
-    from test_lora_interop import _client_modules, _lora_layers
-
+def _attach(pipe, path: Path, load) -> str | None:
+    """Load ``path`` as adapter "m"; the failure as a table cell, or None."""
     try:
         load(pipe, path)
     except Exception as exc:  # noqa: BLE001 - a client failing is a result
         pipe.unload_lora_weights()
         return f"fails ({type(exc).__name__})"
+    return None
+
+
+def placed_share(pipe, path: Path, load) -> str:
+    from test_lora_interop import _client_modules, _lora_layers
+
+    failed = _attach(pipe, path, load)
+    if failed:
+        return failed
     layers = _lora_layers(pipe, "m")
     modules = _client_modules(path)
     if path.name.startswith(("tiny", "toy")) and not path.name.endswith(".kohya.safetensors"):
@@ -127,10 +137,52 @@ def comfy_share(comfy: Path, arch: str, path: Path) -> str:
     return f"{100 * hit / len(names):.1f}%"
 
 
+def a1111_share(a1111: Path, arch: str, path: Path) -> str:
+    import make_interop_fixtures as mk
+    from safetensors.torch import load_file
+
+    from studio.lora_io import meta_models
+
+    models = meta_models(ROOT / "assets" / ("tiny-sdxl" if arch == "sdxl" else "tiny-sd"), arch)
+    sd = load_file(str(path))
+    matched, embeddings = mk.a1111_loader(a1111, mk.a1111_layer_names(models, arch))(sd)
+    bundled = sum(1 for k in sd if k.startswith("bundle_emb."))
+    extra = f" + {len(embeddings)} bundled embedding(s)" if embeddings else ""
+    return f"{100 * len(matched) / (len(sd) - bundled):.1f}%{extra}"
+
+
+def lycoris_share(pipe, path: Path, load) -> str:
+    """Modules attached, and of the sampled ones (``*.delta.safetensors``) those whose ΔW equals the LyCORIS forward's."""
+    from safetensors.torch import load_file
+    from test_lora_interop import _lora_layers
+
+    from studio import lora_io
+
+    failed = _attach(pipe, path, load)
+    if failed:
+        return failed
+    models = lora_io.lora_models(pipe)
+    index = lora_io.name_index(models, "sd15")
+    expected = load_file(str(path).replace(".safetensors", ".delta.safetensors"))
+    exact = 0
+    for name, delta in expected.items():
+        comp, module, _ = index[name]
+        layer = models[comp].get_submodule(module)
+        if hasattr(layer, "get_delta_weight") and "m" in getattr(layer, "lora_A", {}):
+            got = layer.get_delta_weight("m").float()
+            exact += torch.allclose(got, delta.reshape(got.shape), rtol=1e-4, atol=1e-5)
+    n_file = len({k.split(".", 1)[0] for k in lora_io.read_header(path)[0]})
+    attached = len(_lora_layers(pipe, "m"))
+    pipe.delete_adapters(["m"])
+    pipe.unload_lora_weights()
+    return f"{100 * attached / n_file:.1f}% (ΔW exact on {exact} of {len(expected)} sampled modules)"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kohya", type=Path, required=True)
     ap.add_argument("--comfyui", type=Path, required=True)
+    ap.add_argument("--a1111", type=Path, required=True)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     from studio import lora_io
@@ -158,11 +210,21 @@ def main() -> None:
                              "applied": kohya_share(args.kohya, arch, path)})
                 rows.append({"client": "ComfyUI comfy/lora.py key maps", "file": f"{what} ({model})",
                              "applied": comfy_share(args.comfyui, arch, path)})
+            rows.append({"client": "A1111 networks.py load_network", "file": f"{what} ({model})",
+                         "applied": a1111_share(args.a1111, arch, path)})
     fix = ROOT / "tests" / "fixtures" / "interop"
+    for path in sorted(fix.glob("lycoris_*_sd15.safetensors")):
+        for client, load in ((f"diffusers {diffusers.__version__}", diff_load), ("studio", studio_load)):
+            rows.append({"client": client, "file": f"fixture {path.name}", "applied": lycoris_share(pipes["sd15"], path, load)})
     for path in sorted(fix.glob("*.safetensors")):
+        if path.name.startswith("lycoris_"):
+            continue
         arch = "sdxl" if "sdxl" in path.name else "sd15"
         for client, load in ((f"diffusers {diffusers.__version__}", diff_load), ("studio", studio_load)):
             rows.append({"client": client, "file": f"fixture {path.name}", "applied": placed_share(pipes[arch], path, load)})
+        if path.name.startswith("kohya_"):
+            rows.append({"client": "A1111 networks.py load_network", "file": f"fixture {path.name}",
+                         "applied": a1111_share(args.a1111, arch, path)})
     for r in rows:
         print(f"| {r['client']} | {r['file']} | {r['applied']} |")
     if args.json:

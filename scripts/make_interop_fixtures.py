@@ -1,6 +1,7 @@
 """Make the interop fixtures in ``tests/fixtures/interop/`` with the clients' OWN code, run outside this repository.
 
-    python scripts/make_interop_fixtures.py --kohya /tmp/sd-scripts --diffusers /tmp/diffusers --comfyui /tmp/ComfyUI
+    python scripts/make_interop_fixtures.py --kohya /tmp/sd-scripts --diffusers /tmp/diffusers --comfyui /tmp/ComfyUI \
+        --a1111 /tmp/stable-diffusion-webui --lycoris /tmp/lycoris
 
 * ``--kohya``: a checkout of kohya-ss/sd-scripts (Apache-2.0). Its ``networks/lora.py`` ``create_network`` builds the
   LoRA modules and ``LoRANetwork.save_weights`` writes the file, for tiny-sd (kohya's SD1 naming is the diffusers
@@ -19,6 +20,18 @@
 * ``--comfyui``: a checkout of ComfyUI (GPL-3: only run, never copied). ``comfy/lora.py``'s ``model_lora_keys_unet``
   and ``model_lora_keys_clip`` are run against the full-size SD1.5 and SDXL state-dict names (diffusers models built
   on the meta device, named as ComfyUI names them); the LoRA key names they accept are stored as gzipped JSON.
+* ``--a1111``: a checkout (or the file alone) of AUTOMATIC1111/stable-diffusion-webui (AGPL-3: only run, never copied).
+  ``extensions-builtin/Lora/networks.py``'s ``load_network`` (with its ``convert_diffusers_name_to_compvis``) is run
+  on a LoRA's key names against A1111's layer names of the full-size SD1.5 and SDXL models (``network_layer_mapping``:
+  the LDM UNet ``diffusion_model_…``, CLIP-L as ``[0_]transformer_text_model_…`` (transformers 4, what A1111 pins),
+  OpenCLIP-G as ``1_model_transformer_resblocks_N_{attn,attn_out_proj,mlp_c_fc,mlp_c_proj}``); the names it matches,
+  out of every name ComfyUI accepts and every name the studio exports, are stored as gzipped JSON.
+* ``--lycoris``: a folder where ``lycoris-lora`` 4.1.3 (Apache-2.0, KohakuBlueleaf's LyCORIS, what kohya sd-scripts
+  runs for ``--network_module lycoris.kohya``) is importable (``pip install --no-deps --target DIR lycoris-lora einops
+  toml``). ``lycoris.kohya.create_network`` with ``algo=loha`` and ``algo=lokr`` on tiny-sd (UNet with conv layers +
+  CLIP), its ``save_weights`` writes the file, and the ΔW that each module's own forward adds (``get_weight`` ·
+  ``scalar``) of one module per kind is stored beside it in ``lycoris_*_sd15.delta.safetensors`` (module name -> ΔW, fp32).
+  LoKr twice: ``decompose_both`` (``lokr_w1_a/b`` where the rank allows) and ``full_matrix`` (``lokr_w1`` + ``lokr_w2``).
 
 The LoRA weights are random (seeded): the fixtures test naming and scaling, not training.
 """
@@ -286,15 +299,142 @@ def make_comfy(comfy: Path) -> None:
                        "keys": names}, f)
 
 
+# -------------------------------------------------------------------------------------------------------- LyCORIS
+def make_lycoris(lycoris: Path) -> None:
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    sys.path.insert(0, str(lycoris))
+    from lycoris import kohya as lkohya  # the package's own kohya network
+
+    # 4.1.3's default list also names "TimestepEmbedding" (for Anima), which duplicates time_embedding.linear_1 on an
+    # SD UNet ("duplicated lora name"): the SD1.5 blocks of its own default list, as earlier releases had them
+    from lycoris.config import PRESET
+
+    PRESET["sd-full"] = {**PRESET["full"], "unet_target_module": ["Transformer2DModel", "ResnetBlock2D",
+                                                                  "Downsample2D", "Upsample2D"]}
+
+    for algo, seed, kwargs in (("loha", 3, {"conv_dim": "2", "conv_alpha": "1"}),
+                               ("lokr", 4, {"conv_dim": "2", "conv_alpha": "1", "factor": "4", "decompose_both": "True"}),
+                               ("lokr", 5, {"factor": "8", "full_matrix": "True"})):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(ASSETS / "tiny-sd" / "unet"))
+        te = _TextModel4(CLIPTextModel(CLIPTextConfig.from_pretrained(ASSETS / "tiny-sd" / "text_encoder")))
+        net = lkohya.create_network(1.0, 2, 1.0, None, te, unet, algo=algo, preset="sd-full", **kwargs)
+        net.apply_to(te, unet, True, True)
+        gen = torch.Generator().manual_seed(seed)
+        for name, p in net.named_parameters():  # LyCORIS zero-initialises one factor: give every factor values
+            p.data = (torch.randn(p.shape, generator=gen) * 0.3).to(p.dtype)
+        tag = f"{algo}_full" if "full_matrix" in kwargs else algo
+        out = OUT / f"lycoris_{tag}_sd15.safetensors"
+        net.save_weights(str(out), torch.float16, {"ss_network_module": "lycoris.kohya",
+                                                   "ss_network_args": json.dumps({"algo": algo, **kwargs}),
+                                                   "ss_base_model_version": "sd_v1"})
+        from safetensors.torch import load_file
+
+        net.load_state_dict(load_file(str(out)), strict=False)  # the deltas of the weights as saved (fp16)
+        kinds: dict[str, object] = {}  # one module of each kind (leaf name, linear or conv), to stay small
+        for m in net.unet_loras + net.text_encoder_loras:
+            kinds.setdefault((m.lora_name.rsplit("_", 1)[-1], m.lora_name.split("_")[1], len(m.shape)), m)
+        # the ΔW each module's forward adds at multiplier 1 (get_weight · scalar). Not get_diff_weight(): in 4.1.3 it
+        # multiplies get_weight(), which already carries alpha / dim, by alpha / dim once more.
+        deltas = {m.lora_name: (m.get_weight(m.shape) * m.scalar).float().contiguous() for m in kinds.values()}
+        save_file(deltas, str(OUT / f"lycoris_{tag}_sd15.delta.safetensors"),
+                  {"client": "lycoris-lora 4.1.3 lycoris.kohya create_network + module.get_weight() * scalar"})
+
+
+# ---------------------------------------------------------------------------------------------------------- A1111
+def a1111_layer_names(models: dict, arch: str) -> set[str]:
+    """A1111's ``network_layer_mapping`` names (``assign_network_names_to_compvis_modules``) of the leaf layers."""
+    from studio.checkpoint import UNET_PREFIX, _renamed, base_state_dict, unet_module_map
+
+    unet = models["unet"]
+    names = {k.replace(UNET_PREFIX, "diffusion_model.").rsplit(".", 1)[0].replace(".", "_")
+             for k in _renamed(base_state_dict(unet), unet_module_map(unet.config), UNET_PREFIX, "UNet")}
+    clip_l = "0_transformer_text_model_" if arch == "sdxl" else "transformer_text_model_"
+    for key in models["text_encoder"].state_dict():
+        names.add(clip_l + key.removeprefix("text_model.").rsplit(".", 1)[0].replace(".", "_"))
+    if arch == "sdxl":
+        for i in range(models["text_encoder_2"].config.num_hidden_layers):
+            names.update(f"1_model_transformer_resblocks_{i}_{leaf}"
+                         for leaf in ("attn", "attn_out_proj", "mlp_c_fc", "mlp_c_proj", "ln_1", "ln_2"))
+    return names
+
+
+def a1111_loader(a1111: Path, layer_names: set[str]):
+    """``load(state_dict) -> (matched tensor names, bundled embedding names)`` by A1111's own ``load_network`` (the
+    file's code, run with stand-ins for the web UI's globals and a model whose layers are ``layer_names``)."""
+    src = a1111 / "extensions-builtin" / "Lora" / "networks.py"
+    if not src.is_file():
+        src = a1111
+    matched: list[str] = []
+
+    class _Accept:  # every module type A1111 has accepts some keys; the key match is what is measured here
+        def create_module(self, net, weights):
+            matched.extend(weights.w.values())
+            return weights
+
+    class _Network:
+        def __init__(self, name, on_disk):
+            self.name, self.network_on_disk, self.modules = name, on_disk, {}
+
+    current: dict = {}
+    sd_model = types.SimpleNamespace(network_layer_mapping={n: object() for n in layer_names})
+    ns = {"shared": types.SimpleNamespace(sd_model=sd_model, opts=types.SimpleNamespace()),
+          "network": types.SimpleNamespace(Network=_Network, NetworkWeights=lambda **kw: types.SimpleNamespace(**kw)),
+          "sd_models": types.SimpleNamespace(read_state_dict=lambda _: current), "module_types": [_Accept()],
+          "textual_inversion": types.SimpleNamespace(
+              create_embedding_from_data=lambda data, name, filename: types.SimpleNamespace(name=name))}
+    exec(compile(src.read_text(), str(src), "exec"), ns)  # noqa: S102 - the client's own code, outside this repo
+
+    def load(sd: dict) -> tuple[list[str], list[str]]:
+        """The values of ``sd`` are replaced by the key names, so a matched "weight" names its own tensor."""
+        matched.clear()
+        current.clear()
+        current.update({k: k for k in sd})
+        net = ns["load_network"]("lora", types.SimpleNamespace(filename=__file__))
+        return list(matched), sorted(net.bundle_embeddings)
+
+    return load
+
+
+def make_a1111(a1111: Path) -> None:
+    sys.path.insert(0, str(ROOT))
+    from studio.lora_io import meta_models, to_kohya
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_lora_interop import ALL_UNET, TE, _meta_states
+
+    for arch in ("sd15", "sdxl"):
+        models = meta_models(ASSETS / "configs" / arch, arch)
+        load = a1111_loader(a1111, a1111_layer_names(models, arch))
+        with gzip.open(OUT / f"comfyui_keys_{arch}.json.gz", "rt") as f:
+            candidates = set(json.load(f)["keys"])
+        ours = to_kohya(_meta_states(models, ALL_UNET, TE + ["fc1", "fc2"]), arch, 4.0, 4, models["unet"].config)
+        candidates |= {k.split(".", 1)[0] for k in ours}
+        names = sorted(k for k in candidates if load({f"{k}.lora_up.weight": None})[0])  # one name at a time
+        with gzip.open(OUT / f"a1111_keys_{arch}.json.gz", "wt") as f:
+            json.dump({"client": "A1111 extensions-builtin/Lora/networks.py load_network",
+                       "revision": (a1111 / "REVISION").read_text().strip() if (a1111 / "REVISION").is_file() else "",
+                       "keys": names}, f)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kohya", type=Path)
+    ap.add_argument("--a1111", type=Path)
+    ap.add_argument("--lycoris", type=Path)
     ap.add_argument("--diffusers", type=Path)
     ap.add_argument("--comfyui", type=Path)
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     if args.comfyui:
         make_comfy(args.comfyui)
+    if args.a1111:
+        make_a1111(args.a1111)
+    if args.lycoris:
+        make_lycoris(args.lycoris)
     if args.diffusers:
         make_diffusers(args.diffusers)
     if args.kohya:

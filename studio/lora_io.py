@@ -18,10 +18,16 @@ transformers uses). The diffusers file spells CLIP-L keys the same way (``text_e
 Imports (``load_lora``/``peft_state``) accept kohya SD1.5/SDXL files (diffusers or SGM block names), A1111/Forge
 files, diffusers' training-script files in the current (``lora_A``), ``lora.down`` and old attention-processor
 (``processor.to_k_lora.down``, ``lora_linear_layer``) spellings, either CLIP-L layout, LoCon (conv) and DoRA
-(``dora_scale``). Each module's ``alpha / rank`` is folded into ``lora_up`` before PEFT sees it, so per-module alphas
+(``dora_scale``), and LyCORIS LoHa and LoKr files (linear and conv, ``lokr_w1``/``lokr_w1_a·b``, ``lokr_w2``/
+``lokr_w2_a·b``). Each module's ``alpha / rank`` is folded into ``lora_up`` before PEFT sees it, so per-module alphas
 apply exactly (diffusers 0.42's kohya conversion gives modules whose alpha differs from the file's most common one
-twice their strength; the studio does not use that conversion). LoHa, LoKr, OFT, GLoRA, full-weight diffs and
-Tucker (``lora_mid``) LoCon are refused with the format's name: diffusers' PEFT loader has no layer for them.
+twice their strength; the studio does not use that conversion). A LoHa or LoKr module becomes the PEFT LoRA with
+exactly its ΔW: a Hadamard product of two rank-r products is one product of rank r² (row-wise Kronecker factors),
+and a Kronecker product of two factored matrices is the product of their Kronecker factors (where that rank exceeds
+the layer's, an SVD of ΔW at full rank); scales as LyCORIS/ComfyUI apply them (``alpha / dim``, 1 without a
+decomposed factor or alpha). So every studio path (routing, fusing, composition) works on them unchanged. OFT,
+GLoRA, full-weight diffs and the Tucker forms (``lora_mid``, ``hada_t1``, ``lokr_t2``) are refused with the
+format's name.
 Only safetensors are read: pickles can run code.
 """
 
@@ -29,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import tempfile
@@ -240,9 +247,9 @@ def inspect(path: Path) -> dict:
 
 # ------------------------------------------------------------------------------------------------------------ names
 TE_COMPONENTS = ("text_encoder", "text_encoder_2")
-_UNSUPPORTED = (  # key endings of LyCORIS/other formats that diffusers' PEFT loader has no layer for
-    ((".hada_w1_a", ".hada_w1_b", ".hada_w2_a", ".hada_w2_b"), "LoHa (LyCORIS Hadamard product)"),
-    ((".lokr_w1", ".lokr_w2", ".lokr_w1_a", ".lokr_w2_a"), "LoKr (LyCORIS Kronecker product)"),
+_UNSUPPORTED = (  # key endings of LyCORIS/other formats that have no exact PEFT LoRA form here
+    ((".hada_t1", ".hada_t2"), "LoHa with Tucker decomposition (hada_t1/hada_t2)"),
+    ((".lokr_t2",), "LoKr with Tucker decomposition (lokr_t2)"),
     ((".oft_blocks", ".oft_diag", ".oft_r.weight"), "OFT/BOFT"),
     ((".a1.weight", ".b1.weight"), "GLoRA"),
     ((".diff", ".diff_b"), "full weight difference (LyCORIS 'full')"),
@@ -256,7 +263,10 @@ _PARTS = (  # key ending -> part, longest spellings first
     (".lora.down.weight", "down"), (".lora.up.weight", "up"), (".lora_magnitude_vector.weight", "dora"),
     (".lora_magnitude_vector", "dora"), (".dora_scale", "dora"), (".alpha", "alpha"),
     ("_lora.down.weight", "down"), ("_lora.up.weight", "up"),  # diffusers 0.42's convert_state_dict_to_kohya output
+    *((f".{k}", k) for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "lokr_w1", "lokr_w1_a", "lokr_w1_b",
+                             "lokr_w2", "lokr_w2_a", "lokr_w2_b")),  # LyCORIS LoHa / LoKr
 )
+_LYCORIS = ("hada_w1_a", "lokr_w1", "lokr_w1_a", "lokr_w2", "lokr_w2_a")
 _OLD_PROC = re.compile(r"^(.*?)(?:\.processor)?\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
 _OLD_TE = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
 
@@ -379,6 +389,48 @@ def _fit(t: torch.Tensor, ndim: int) -> torch.Tensor:
     return t
 
 
+def _identity_split(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(U, V)`` with ``U @ V == w`` and the smaller inner size (one of them an identity)."""
+    if w.shape[0] <= w.shape[1]:
+        return torch.eye(w.shape[0], dtype=w.dtype), w
+    return w, torch.eye(w.shape[1], dtype=w.dtype)
+
+
+def lycoris_as_lora(g: dict[str, torch.Tensor], shape: tuple) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """A LoHa or LoKr module as exact LoRA factors ``(down r'×in…, up out×r'…, alpha)`` with ``up @ down · alpha / r'``
+    equal to the ΔW LyCORIS and ComfyUI apply (module docstring)."""
+    out_f, in_flat = shape[0], math.prod(shape[1:])
+    alpha = float(g["alpha"]) if "alpha" in g else None
+    f = {k: v.float() for k, v in g.items() if k != "alpha"}
+    if "hada_w1_a" in f:  # ΔW = (w1a w1b) ⊙ (w2a w2b) · alpha / r
+        a1, b1, a2, b2 = f["hada_w1_a"], f["hada_w1_b"].flatten(1), f["hada_w2_a"], f["hada_w2_b"].flatten(1)
+        up = (a1[:, :, None] * a2[:, None, :]).reshape(out_f, -1)
+        down = (b1[:, None, :] * b2[None, :, :]).reshape(-1, in_flat)
+        scale = alpha / b1.shape[0] if alpha is not None else 1.0
+    else:  # ΔW = kron(w1, w2) · alpha / dim, w1 and w2 each whole or factored
+        dim = None
+        if "lokr_w1" in f:
+            u1, v1 = _identity_split(f["lokr_w1"])
+        else:
+            u1, v1, dim = f["lokr_w1_a"], f["lokr_w1_b"], f["lokr_w1_b"].shape[0]
+        if "lokr_w2" in f:
+            w2 = f["lokr_w2"]
+            u2, v2 = _identity_split(w2.reshape(w2.shape[0], -1))
+        else:
+            u2, v2, dim = f["lokr_w2_a"], f["lokr_w2_b"].flatten(1), f["lokr_w2_b"].shape[0]
+        up, down = torch.kron(u1, u2), torch.kron(v1, v2)
+        scale = alpha / dim if alpha is not None and dim is not None else 1.0
+    if up.shape != (out_f, up.shape[1]) or down.shape[1] != in_flat:
+        raise ValueError(f"factors give {up.shape[0]}x{down.shape[1]}, the layer is {out_f}x{in_flat}")
+    if up.shape[1] > min(out_f, in_flat):  # more rank than the layer has: the same ΔW at the layer's full rank
+        u, sv, vh = torch.linalg.svd(up @ down, full_matrices=False)
+        up, down = u * sv, vh
+    rank = up.shape[1]
+    down = down.reshape(rank, *shape[1:])
+    up = up.reshape(out_f, rank, *([1, 1] if len(shape) == 4 else []))
+    return down.contiguous(), up.contiguous(), scale * rank
+
+
 def normalize(tensors: dict[str, torch.Tensor], meta: dict[str, str], index: dict, arch: str, name: str):
     """Map a LoRA file of any supported spelling onto the layers in ``index``.
 
@@ -386,8 +438,9 @@ def normalize(tensors: dict[str, torch.Tensor], meta: dict[str, str], index: dic
     with no layer or the wrong size."""
     what = unsupported_format(tensors)
     if what:
-        raise LoraFormatError(f"{name} is a {what} file. The studio loads LoRA, LoCon (conv LoRA) and DoRA files; "
-                              f"convert it to a plain LoRA (e.g. with kohya's extract/resize tools) or use another UI.")
+        raise LoraFormatError(f"{name} is a {what} file. The studio loads LoRA, LoCon (conv LoRA), DoRA, LoHa and "
+                              "LoKr files; convert it to a plain LoRA (e.g. with kohya's extract/resize tools) or use "
+                              "another UI.")
     groups: dict[str, dict[str, torch.Tensor]] = {}
     owner: dict[str, str] = {}
     problems: list[str] = []
@@ -402,6 +455,15 @@ def normalize(tensors: dict[str, torch.Tensor], meta: dict[str, str], index: dic
     out: dict[str, dict[str, tuple]] = {}
     for flat, g in groups.items():
         hit = index.get(flat)
+        if hit is not None and any(k in g for k in _LYCORIS):
+            if "dora" in g:
+                raise LoraFormatError(f"{name} is a LoHa/LoKr file with weight decomposition (DoRA, {owner[flat]}); "
+                                      "only plain LoHa/LoKr and LoRA/DoRA files can be loaded.")
+            try:
+                g["down"], g["up"], g["alpha"] = lycoris_as_lora(g, hit[2])
+            except (KeyError, ValueError, RuntimeError):
+                problems.append(owner[flat])
+                continue
         if hit is None or "down" not in g or "up" not in g:
             problems.append(owner[flat])
             continue

@@ -149,10 +149,13 @@ def _meta_states(models, unet_targets, te_targets, rank=4):
     return comps
 
 
+@pytest.mark.parametrize("client", ["comfyui", "a1111"])
 @pytest.mark.parametrize("arch", ["sd15", "sdxl"])
 @pytest.mark.parametrize("targets", ["default", "all"])
-def test_export_keys_all_in_comfyui_key_map_full_size(arch, targets):
-    """100% of the exported tensors of a full-size SD1.5/SDXL LoRA (meta device) have a name ComfyUI maps."""
+def test_export_keys_all_in_client_key_map_full_size(client, arch, targets):
+    """100% of the exported tensors of a full-size SD1.5/SDXL LoRA (meta device) have a name the client maps: ComfyUI's
+    ``model_lora_keys_*`` and A1111's ``load_network`` (fixtures made by their own code,
+    ``scripts/make_interop_fixtures.py``)."""
     from studio.lora_io import meta_models, to_kohya
 
     from studio.models import ASSETS
@@ -161,14 +164,17 @@ def test_export_keys_all_in_comfyui_key_map_full_size(arch, targets):
     unet_targets = ["to_q", "to_k", "to_v", "to_out.0"] if targets == "default" else ALL_UNET
     comps = _meta_states(models, unet_targets, TE + (["fc1", "fc2"] if targets == "all" else []))
     out = to_kohya(comps, arch, 4.0, 4, models["unet"].config)
-    with gzip.open(FIX / f"comfyui_keys_{arch}.json.gz", "rt") as f:
-        comfy = set(json.load(f)["keys"])
+    with gzip.open(FIX / f"{client}_keys_{arch}.json.gz", "rt") as f:
+        known = set(json.load(f)["keys"])
     modules = {k.split(".", 1)[0] for k in out}
-    missing = sorted(modules - comfy)
-    assert not missing, f"{len(missing)} of {len(modules)} modules unknown to ComfyUI, e.g. {missing[:3]}"
+    missing = sorted(modules - known)
+    assert not missing, f"{len(missing)} of {len(modules)} modules unknown to {client}, e.g. {missing[:3]}"
     assert len(out) == 3 * len(modules) and len(modules) >= (700 if arch == "sdxl" else 176)
     te1 = [k for k in out if k.startswith(("lora_te_", "lora_te1_"))]
     assert te1 and all(k.startswith(("lora_te_text_model_", "lora_te1_text_model_")) for k in te1)
+    # the fixture discriminates: CLIP-L named without ``text_model`` (the old export) is not a name the client knows
+    flat = {k.replace("_text_model_encoder_", "_encoder_") for k in te1}
+    assert not flat & known
 
 
 def test_clip_l_keys_have_text_model(tiny_sdxl, tiny_sd, tmp_path):
@@ -281,12 +287,39 @@ def test_tag_frequency_like_kohya():
 def test_unsupported_format_is_named(tiny_sd, tmp_path):
     from safetensors.torch import save_file
 
-    path = tmp_path / "loha.safetensors"
-    save_file({f"lora_unet_down_blocks_0_attentions_0_proj_in.{k}": torch.zeros(2, 2)
-               for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")}, str(path))
-    with pytest.raises(LoraFormatError, match="LoHa") as err:
+    path = tmp_path / "loha_tucker.safetensors"
+    save_file({f"lora_unet_down_blocks_0_resnets_0_conv1.{k}": torch.zeros(2, 2)
+               for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")}, str(path))
+    with pytest.raises(LoraFormatError, match="LoHa with Tucker") as err:
         lora_io.check_compatible(tiny_sd, path)
     assert "another base" not in str(err.value)
+
+
+@pytest.mark.parametrize("algo", ["loha", "lokr", "lokr_full"])
+def test_lycoris_file_applies_the_delta_lycoris_computes(tiny_sd, algo):
+    """LoHa / LoKr files written by LyCORIS's own kohya network (``scripts/make_interop_fixtures.py --lycoris``) load
+    whole, and every layer's ΔW equals the one the LyCORIS module's forward adds, conv layers included."""
+    from safetensors.torch import load_file
+
+    path = FIX / f"lycoris_{algo}_sd15.safetensors"
+    expected = load_file(str(FIX / f"lycoris_{algo}_sd15.delta.safetensors"))
+    n_modules = len({k.split(".", 1)[0] for k in lora_io.read_header(path)[0]})
+    lora_io.load_lora(tiny_sd, path, "m")
+    try:
+        assert len(_lora_layers(tiny_sd, "m")) == n_modules == 95
+        models = lora_io.lora_models(tiny_sd)
+        index = lora_io.name_index(models, "sd15")
+        kinds = set()
+        for name, delta in expected.items():
+            comp, module, shape = index[name]
+            layer = models[comp].get_submodule(module)
+            got = layer.get_delta_weight("m").float()
+            torch.testing.assert_close(got, delta.reshape(got.shape), rtol=1e-4, atol=1e-5, msg=name)
+            kinds.add(len(shape))
+        assert kinds == {2, 4} and len(expected) >= 15
+    finally:
+        tiny_sd.delete_adapters(["m"])
+        tiny_sd.unload_lora_weights()
 
 
 def test_target_without_standard_name_refused_before_training(tiny_sdxl):
