@@ -226,7 +226,11 @@ def inspect(path: Path) -> dict:
         raise LoraFormatError(f"{Path(path).name} holds no LoRA weights (no lora_A/lora_B or lora_down/lora_up keys).")
     with safe_open(str(path), framework="pt") as f:
         ranks = sorted({f.get_slice(k).get_shape()[0] for k in keys
-                        if k.endswith(("lora_A.weight", "lora_down.weight", ".down.weight"))})
+                        if k.endswith(("lora_A.weight", "lora_down.weight", ".down.weight", ".hada_w1_b", ".lokr_w1_b",
+                                       ".lokr_w2_b"))})
+    kind = lycoris_kind(keys)
+    if kind:
+        fmt = f"{fmt} ({kind})"
     if fmt == "diffusers":
         comps = sorted({k.split(".")[0] if k.split(".")[0] in COMPONENTS else "unet" for k in keys})
     else:
@@ -357,6 +361,15 @@ def _split_key(key: str, arch: str) -> tuple[str, str] | None:
     if comp != "unet":
         body = te_canonical(body)
     return f"{kohya_prefix(arch, comp)}_{body.replace('.', '_')}", part
+
+
+def lycoris_kind(keys) -> str | None:
+    """"LoHa" / "LoKr" for a LyCORIS file the studio loads (as exact LoRAs), else None."""
+    if any(k.endswith(".hada_w1_a") for k in keys):
+        return "LoHa"
+    if any(k.endswith((".lokr_w1", ".lokr_w1_a")) for k in keys):
+        return "LoKr"
+    return None
 
 
 def unsupported_format(keys) -> str | None:
@@ -760,7 +773,8 @@ def _fitting_models(tensors, meta, arch: str, name: str):
 
 
 def convert(src: Path, dst: Path, to: str, layers_per_block: int | None = None) -> Path:
-    """Convert a LoRA between diffusers and kohya format (``studio lora convert``).
+    """Convert a LoRA between diffusers and kohya format (``studio lora convert``); a LoHa/LoKr file becomes a plain
+    LoRA with the same ΔW in either format.
 
     ``--to diffusers`` reads every spelling ``load_lora`` reads; layers are named with the configs of the file's base
     model (its ``studio.base_model``), the standard SD1.5/SDXL configs or the bundled models, whichever fits all keys.
@@ -772,7 +786,7 @@ def convert(src: Path, dst: Path, to: str, layers_per_block: int | None = None) 
         raise LoraFormatError(f"Unknown target format {to!r}: use 'diffusers' or 'kohya'.")
     if fmt == "unknown":
         raise LoraFormatError(f"{name} holds no LoRA weights (no lora_A/lora_B or lora_down/lora_up keys).")
-    if to == fmt and to == "kohya":
+    if to == fmt and to == "kohya" and not lycoris_kind(tensors):  # LoHa/LoKr -> a plain kohya LoRA is a conversion
         raise LoraFormatError(f"{name} is already in {to} format.")
     arch = detect_arch(list(tensors), meta) or "sd15"
     models, state, folder = _fitting_models(tensors, meta, arch, name)

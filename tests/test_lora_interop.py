@@ -296,30 +296,34 @@ def test_unsupported_format_is_named(tiny_sd, tmp_path):
 
 
 @pytest.mark.parametrize("algo", ["loha", "lokr", "lokr_full"])
-def test_lycoris_file_applies_the_delta_lycoris_computes(tiny_sd, algo):
+def test_lycoris_file_applies_the_delta_lycoris_computes(tiny_sd, algo, tmp_path):
     """LoHa / LoKr files written by LyCORIS's own kohya network (``scripts/make_interop_fixtures.py --lycoris``) load
-    whole, and every layer's ΔW equals the one the LyCORIS module's forward adds, conv layers included."""
+    whole, and every layer's ΔW equals the one the LyCORIS module's forward adds, conv layers included; the same after
+    ``lora convert --to kohya`` (a plain LoRA file)."""
     from safetensors.torch import load_file
 
-    path = FIX / f"lycoris_{algo}_sd15.safetensors"
+    src = FIX / f"lycoris_{algo}_sd15.safetensors"
+    assert lora_io.inspect(src)["format"] == f"kohya ({'LoHa' if algo == 'loha' else 'LoKr'})"
     expected = load_file(str(FIX / f"lycoris_{algo}_sd15.delta.safetensors"))
-    n_modules = len({k.split(".", 1)[0] for k in lora_io.read_header(path)[0]})
-    lora_io.load_lora(tiny_sd, path, "m")
-    try:
-        assert len(_lora_layers(tiny_sd, "m")) == n_modules == 95
-        models = lora_io.lora_models(tiny_sd)
-        index = lora_io.name_index(models, "sd15")
-        kinds = set()
-        for name, delta in expected.items():
-            comp, module, shape = index[name]
-            layer = models[comp].get_submodule(module)
-            got = layer.get_delta_weight("m").float()
-            torch.testing.assert_close(got, delta.reshape(got.shape), rtol=1e-4, atol=1e-5, msg=name)
-            kinds.add(len(shape))
-        assert kinds == {2, 4} and len(expected) >= 15
-    finally:
-        tiny_sd.delete_adapters(["m"])
-        tiny_sd.unload_lora_weights()
+    n_modules = len({k.split(".", 1)[0] for k in lora_io.read_header(src)[0]})
+    plain = lora_io.convert(src, tmp_path / "plain.safetensors", "kohya")
+    assert lora_io.inspect(plain)["format"] == "kohya"
+    for path in (src, plain):
+        lora_io.load_lora(tiny_sd, path, "m")
+        try:
+            assert len(_lora_layers(tiny_sd, "m")) == n_modules == 95
+            models = lora_io.lora_models(tiny_sd)
+            index = lora_io.name_index(models, "sd15")
+            kinds = set()
+            for name, delta in expected.items():
+                comp, module, shape = index[name]
+                got = models[comp].get_submodule(module).get_delta_weight("m").float()
+                torch.testing.assert_close(got, delta.reshape(got.shape), rtol=1e-4, atol=1e-5, msg=name)
+                kinds.add(len(shape))
+            assert kinds == {2, 4} and len(expected) >= 15
+        finally:
+            tiny_sd.delete_adapters(["m"])
+            tiny_sd.unload_lora_weights()
 
 
 def test_target_without_standard_name_refused_before_training(tiny_sdxl):
