@@ -114,7 +114,10 @@ def unet_modules(tensors: dict[str, torch.Tensor], meta: dict[str, str], name: s
         if fmt == "kohya":
             m = re.match(r"^(lora_unet|lora_te\d?)_(.+?)\.(lora_down\.weight|lora_up\.weight|alpha)$", key)
             if not m:
-                raise LoraFormatError(f"{name}: unsupported kohya tensor {key!r} (only plain LoRA lora_down/lora_up/alpha).")
+                hint = (" Make it a plain LoRA first: `studio lora convert FILE OUT.safetensors --to kohya`."
+                        if re.search(r"\.(hada|lokr)_", key) else "")
+                raise LoraFormatError(f"{name}: unsupported kohya tensor {key!r} (only plain LoRA lora_down/lora_up/alpha)."
+                                      + hint)
             module = _kohya_module(m[2]) if m[1] == "lora_unet" else f"text_encoder:{m[2]}"
             kind = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}[m[3]]
         elif fmt == "diffusers":
