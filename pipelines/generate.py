@@ -22,6 +22,7 @@ from PIL import PngImagePlugin
 
 from studio import lora_io
 from studio.config import SEED_MAX, GenerateConfig, to_dict
+from studio.embeddings import loaded_embeddings
 from studio.errors import CancelledError, InputError
 from studio.library import Workspace
 from studio.safety import check_lora_file, check_weight, disk_errors
@@ -73,7 +74,8 @@ def _adapter_name(ref: LoraRef, used: set[str]) -> str:
 
 @contextmanager
 def lora_stack(pipe, loras: list[LoraRef]):
-    """Attach ``loras`` as named adapters with their weights; always remove them afterwards."""
+    """Attach ``loras`` as named adapters with their weights, and the token embeddings they bundle; always remove them
+    afterwards."""
     names: list[str] = []
     used: set[str] = set()
     try:
@@ -87,7 +89,8 @@ def lora_stack(pipe, loras: list[LoraRef]):
             names.append(name)
         if names:
             activate_adapters(pipe, names, [r.weight for r in loras])
-        yield names
+        with loaded_embeddings(pipe, [r.path for r in loras]):  # pivotal-tuning tokens bundled with the LoRAs
+            yield names
     finally:
         if names:
             pipe.delete_adapters(names)

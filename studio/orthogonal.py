@@ -48,7 +48,7 @@ from pathlib import Path
 
 import torch
 
-from . import lora_io
+from . import embeddings, lora_io
 from .errors import InputError, LoraFormatError
 
 log = logging.getLogger(__name__)
@@ -518,9 +518,17 @@ def merge_loras(sources: list, out, *, weights: list[float] | None = None, lam: 
         extra["base_model"] = first.meta["studio.base_model"]
     if first.meta.get("studio.layers_per_block"):
         extra["layers_per_block"] = first.meta["studio.layers_per_block"]
-    meta = lora_io.build_metadata(arch=first.arch or "sd15", method="orthogonal-merge" if orthogonal else "merge", name=name,
+    arch = first.arch or "sd15"
+    bundled = {}  # each concept keeps its own token embedding (the paper merges weights, never tokens)
+    for f in files:
+        for token, vectors in embeddings.file_bundle(f.path).items():
+            bundled.update(embeddings.bundle(token, vectors, arch))
+    tokens = sorted({k[len(embeddings.BUNDLE):].split(".", 1)[0] for k in bundled})
+    if tokens:
+        extra["embeddings"] = ", ".join(tokens)
+    meta = lora_io.build_metadata(arch=arch, method="orthogonal-merge" if orthogonal else "merge", name=name,
                                   rank=rank, alpha=float(rank), components=comps, extra=extra)
-    lora_io.save_lora(out, comps, meta)
+    lora_io.save_lora(out, comps, meta, extra=bundled)
     if ws is not None and out.parent.resolve() == ws.loras.resolve():
         ws.write_sidecar(out.stem, {"name": out.stem, "method": meta["studio.method"], "architecture": first.arch,
                                     "members": members, "weights": ws_, "warnings": warnings, "role": "subject"})
