@@ -226,3 +226,23 @@ def test_pivotal_resume_continues_the_embedding_exactly(ws):
     with pytest.raises(InputError, match="pivotal"):  # a run without pivotal tuning cannot continue one with it
         train(TrainConfig(name="resumed", images=str(EXAMPLES), model="tiny-sd", trigger="ohwx", steps=8, rank=4,
                           resume=True), DreamBoothRecipe(), ws)
+
+
+@pytest.mark.parametrize("engine", ["composer", "clora"])
+def test_regional_engines_load_the_embedding(pivotal, engine, tmp_path):
+    from pipelines.compose import compose
+    from studio.composition import CompositionSpec
+
+    ws, pipe, cfg, result, vocab0, widths0 = pivotal
+    lib = result.outputs[0]
+    tensors, meta = lora_io.read_tensors(lib)
+    plain = tmp_path / "plain.safetensors"
+    save_file({k: v for k, v in tensors.items() if not k.startswith(E.BUNDLE)}, str(plain), meta)
+
+    def run(path):
+        s = CompositionSpec(prompt=f"a {cfg.trigger} emblem", engine=engine, seed=2, steps=3, width=64, height=64,
+                            concepts=[{"lora": str(path), "region": [0, 0, 0.6, 1]}])
+        return np.asarray(compose(pipe, s, None, save=False).images[0], dtype=np.float32)
+
+    assert np.abs(run(lib) - run(plain)).mean() > 0.5
+    assert [len(tok) for _, tok, _ in E.encoders(pipe)] == vocab0
