@@ -8,15 +8,18 @@ With ``TrainConfig.pivotal`` the trigger becomes a new token of every tokenizer 
 CLIP-G), inserted with diffusers' ``load_textual_inversion``; one vector per encoder is trained (``TrainedToken``),
 the rest of the embedding table stays frozen. The vectors are written
 
-* into the library LoRA file and its kohya export in A1111's bundled form, the keys A1111's
-  ``extensions-builtin/Lora/networks.py`` reads as ``bundle_emb.<name>.<vector>``: ``bundle_emb.<trigger>.clip_l`` and
-  ``.clip_g`` (SDXL), ``bundle_emb.<trigger>.string_to_param.*`` (SD1.5, a textual-inversion ``string_to_param``);
+* into the kohya export in A1111's bundled form, the keys A1111's ``extensions-builtin/Lora/networks.py`` reads as
+  ``bundle_emb.<name>.<vector>``: ``bundle_emb.<trigger>.clip_l`` and ``.clip_g`` (SDXL),
+  ``bundle_emb.<trigger>.string_to_param.*`` (SD1.5, a textual-inversion ``string_to_param``);
+* into the library file's safetensors header (``studio.token_embeddings``, float32 as base64): diffusers'
+  ``load_lora_weights`` refuses a file with tensors that are no LoRA weights, so the diffusers-format file keeps only
+  LoRA tensors and still carries its trigger wherever it is copied, renamed or merged;
 * as a standalone embedding ``exports/<name>_emb.safetensors`` for the embeddings folder of A1111 and ComfyUI:
   ``clip_l`` [n, 768] and ``clip_g`` [n, 1280] for SDXL (the file diffusers' advanced script writes), ``emb_params``
   [n, 768] for SD1.5 (kohya's and A1111's textual-inversion safetensors).
 
-The studio's own generate / compose / merge paths load the bundled vectors with the LoRA (``loaded_embeddings``) and
-remove them afterwards, so the trigger works in every prompt.
+The studio's own generate / compose / merge paths load the vectors with the LoRA (``loaded_embeddings``; from the
+header or from A1111's bundle, e.g. an imported kohya export) and remove them afterwards, so the trigger works.
 
 Deviations: one vector per concept and encoder (ED-LoRA trains two tokens, V_rand + V_class, each layer-wise as in P+;
 diffusers two per abstraction): one vector keeps the trigger a single token everywhere (prompts, the composition
@@ -27,9 +30,12 @@ pivotal tuning starts. It trains for the whole run (diffusers' default stops at 
 
 from __future__ import annotations
 
+import base64
+import json
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -39,6 +45,7 @@ from .models import ARCH_SDXL, architecture
 BUNDLE = "bundle_emb."
 PARAM = "pivotal_vector"  # the trainable parameter's name (trainers/loop.py collects it with the LoRA weights)
 SD15_KEY = "string_to_param.*"
+META_KEY = "studio.token_embeddings"  # the library file's header entry with its trigger's vectors (to_header)
 
 
 def encoders(pipe) -> list[tuple[str, object, nn.Module]]:
@@ -145,7 +152,7 @@ def stop_pivotal(pipe, token: str) -> None:
 
 # --------------------------------------------------------------------------------------------------------- files
 def bundle(token: str, vectors: dict[str, torch.Tensor], arch: str) -> dict[str, torch.Tensor]:
-    """A1111's bundled-embedding keys for a LoRA file (empty for no vectors)."""
+    """A1111's bundled-embedding keys for a kohya LoRA file (empty for no vectors)."""
     if not vectors:
         return {}
     if arch == ARCH_SDXL:
@@ -158,8 +165,31 @@ def standalone(vectors: dict[str, torch.Tensor], arch: str) -> dict[str, torch.T
     return dict(vectors) if arch == ARCH_SDXL else {"emb_params": vectors["clip_l"]}
 
 
+def to_header(embeddings: dict[str, dict[str, torch.Tensor]]) -> str:
+    """``{token: {"clip_l": [n, d], …}}`` as the JSON of the library file's ``studio.token_embeddings`` header entry
+    (float32 little-endian, base64): the diffusers-format file stays loadable by ``load_lora_weights``, which refuses
+    tensors that are no LoRA weights, and still carries its trigger's vectors wherever it is copied."""
+    return json.dumps({token: {key: {"shape": list(v.shape), "float32": base64.b64encode(
+        v.detach().float().cpu().contiguous().numpy().astype("<f4").tobytes()).decode()} for key, v in vecs.items()}
+        for token, vecs in embeddings.items()}, sort_keys=True)
+
+
+def from_header(text: str, owner: str = "LoRA") -> dict[str, dict[str, torch.Tensor]]:
+    try:
+        data = json.loads(text)
+        out = {}
+        for token, vecs in data.items():
+            out[token] = {}
+            for key, v in vecs.items():
+                arr = np.frombuffer(base64.b64decode(v["float32"], validate=True), dtype="<f4").reshape(v["shape"])
+                out[token][key] = torch.from_numpy(arr.astype(np.float32))
+        return out
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise LoraFormatError(f"{owner}: its token embeddings ({META_KEY}) are unreadable ({exc}).") from None
+
+
 def read_bundle(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """``{token: {"clip_l": [n, d], "clip_g": …}}`` from the ``bundle_emb.*`` keys of a LoRA file's tensors."""
+    """``{token: {"clip_l": [n, d], "clip_g": …}}`` from A1111's ``bundle_emb.*`` keys of a LoRA file's tensors."""
     out: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         if not key.startswith(BUNDLE):
@@ -173,11 +203,14 @@ def read_bundle(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.T
 
 
 def file_bundle(path: Path) -> dict[str, dict[str, torch.Tensor]]:
-    """The bundled embeddings of the LoRA file at ``path`` (reads only those tensors)."""
+    """The token embeddings a LoRA file carries: the studio's header entry and A1111's ``bundle_emb`` tensors."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
-        return read_bundle({k: f.get_tensor(k) for k in f.keys() if k.startswith(BUNDLE)})
+        meta = f.metadata() or {}
+        out = from_header(meta[META_KEY], Path(path).name) if meta.get(META_KEY) else {}
+        out.update(read_bundle({k: f.get_tensor(k) for k in f.keys() if k.startswith(BUNDLE)}))
+    return out
 
 
 @contextmanager

@@ -143,14 +143,12 @@ def _canonical_state(comp: str, state: dict[str, torch.Tensor]) -> dict[str, tor
     return state if comp == "unet" else {te_canonical(k): v for k, v in state.items()}
 
 
-def save_lora(path: Path, components: dict[str, dict[str, torch.Tensor]], metadata: dict[str, str],
-              extra: dict[str, torch.Tensor] | None = None) -> Path:
-    """Save per-component adapter states (``{"unet": {...}, "text_encoder": {...}}``) in diffusers format; ``extra``:
-    further tensors of the file (bundled token embeddings, ``studio/embeddings.py``)."""
+def save_lora(path: Path, components: dict[str, dict[str, torch.Tensor]], metadata: dict[str, str]) -> Path:
+    """Save per-component adapter states (``{"unet": {...}, "text_encoder": {...}}``) in diffusers format."""
     tensors = {f"{comp}.{k}": v for comp, state in components.items() for k, v in _canonical_state(comp, state).items()}
     if not tensors:
         raise LoraFormatError("Nothing to save: the LoRA has no weights.")
-    atomic_save_safetensors(Path(path), {**tensors, **(extra or {})}, metadata)
+    atomic_save_safetensors(Path(path), tensors, metadata)
     return Path(path)
 
 
@@ -394,7 +392,7 @@ def normalize(tensors: dict[str, torch.Tensor], meta: dict[str, str], index: dic
     owner: dict[str, str] = {}
     problems: list[str] = []
     for key, value in tensors.items():
-        if key.startswith("bundle_emb."):  # token embeddings bundled with the LoRA: studio/embeddings.py loads them
+        if key.startswith("bundle_emb."):  # A1111's bundled token embeddings: studio/embeddings.py loads them
             continue
         split = _split_key(key, arch)
         if split is None:

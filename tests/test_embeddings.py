@@ -84,6 +84,13 @@ def _start_vectors(pipe, token):
     return out
 
 
+def _without_embedding(lib, out):
+    """A copy of the LoRA file ``lib`` without its token embedding."""
+    tensors, meta = lora_io.read_tensors(lib)
+    save_file(tensors, str(out), {k: v for k, v in meta.items() if k != E.META_KEY})
+    return out
+
+
 def _image(pipe, model, token, loras):
     cfg = GenerateConfig(prompt=f"a photo of {token}", seed=3, steps=3, model=model, fuse_loras=False)
     return np.asarray(generate(pipe, cfg, loras, save=False).images[0]).astype(np.float32)
@@ -105,15 +112,18 @@ def test_embedding_trains_and_is_saved_where_a1111_and_comfyui_read_it(pivotal):
         assert vec.shape == start[key].shape == (1, start[key].shape[1])
         assert (vec - start[key]).norm() > 1e-3 * start[key].norm()  # the embedding moved during training
 
-    for path in (lib, kohya):  # the bundled form, as A1111's LoRA loader parses it
-        data = a1111_bundle(load_file(path))
-        assert list(data) == [token]
-        width, n = a1111_vectors(data[token])
-        assert n == 1 and width == sum(v.shape[1] for v in trained.values())
-        if sdxl:
-            assert torch.equal(data[token]["clip_l"], trained["clip_l"]) and torch.equal(data[token]["clip_g"], trained["clip_g"])
-        else:
-            assert torch.equal(data[token]["string_to_param"]["*"], trained["clip_l"])
+    data = a1111_bundle(load_file(kohya))  # the kohya export: the bundled form, as A1111's LoRA loader parses it
+    assert list(data) == [token]
+    width, n = a1111_vectors(data[token])
+    assert n == 1 and width == sum(v.shape[1] for v in trained.values())
+    if sdxl:
+        assert torch.equal(data[token]["clip_l"], trained["clip_l"]) and torch.equal(data[token]["clip_g"], trained["clip_g"])
+    else:
+        assert torch.equal(data[token]["string_to_param"]["*"], trained["clip_l"])
+    assert E.file_bundle(kohya).keys() == {token}  # what the studio reads from an imported export
+    assert not [k for k in load_file(lib) if not (".lora_A." in k or ".lora_B." in k)]  # the library file: LoRA tensors only
+    fresh = load_pipeline(cfg.model)
+    fresh.load_lora_weights(str(lib))  # so plain diffusers loads it as it is
 
     standalone = load_file(emb_file)  # the embeddings-folder file
     assert set(standalone) == ({"clip_l", "clip_g"} if sdxl else {"emb_params"})
@@ -133,13 +143,13 @@ def test_loaded_embedding_changes_the_generation_and_is_removed_after(pivotal, t
     ws, pipe, cfg, result, vocab0, widths0 = pivotal
     model = cfg.model
     lib = result.outputs[0]
-    tensors, meta = lora_io.read_tensors(lib)
-    plain = tmp_path / "plain.safetensors"  # the same LoRA without its embedding
-    save_file({k: v for k, v in tensors.items() if not k.startswith(E.BUNDLE)}, str(plain), meta)
+    plain = _without_embedding(lib, tmp_path / "plain.safetensors")
     with_emb = _image(pipe, model, cfg.trigger, [LoraRef(lib, 1.0, "a")])
     again = _image(pipe, model, cfg.trigger, [LoraRef(lib, 1.0, "a")])  # loading twice works: it was removed
     without = _image(pipe, model, cfg.trigger, [LoraRef(plain, 1.0, "a")])
     assert np.array_equal(with_emb, again)
+    from_export = _image(pipe, model, cfg.trigger, [LoraRef(result.outputs[1], 1.0, "a")])  # kohya export, A1111 bundle
+    assert np.abs(from_export - with_emb).mean() < 0.5
     assert np.abs(with_emb - without).mean() > 0.5  # the trained token vector reaches the image
     assert [len(tok) for _, tok, _ in E.encoders(pipe)] == vocab0
     assert [te.get_input_embeddings().weight.shape for _, _, te in E.encoders(pipe)] == widths0
@@ -235,9 +245,7 @@ def test_regional_engines_load_the_embedding(pivotal, engine, tmp_path):
 
     ws, pipe, cfg, result, vocab0, widths0 = pivotal
     lib = result.outputs[0]
-    tensors, meta = lora_io.read_tensors(lib)
-    plain = tmp_path / "plain.safetensors"
-    save_file({k: v for k, v in tensors.items() if not k.startswith(E.BUNDLE)}, str(plain), meta)
+    plain = _without_embedding(lib, tmp_path / "plain.safetensors")
 
     def run(path):
         s = CompositionSpec(prompt=f"a {cfg.trigger} emblem", engine=engine, seed=2, steps=3, width=64, height=64,

@@ -90,14 +90,14 @@ class DreamBoothRecipe:
                                       alpha=cfg.lora_alpha, components=comps, extra=extra)
 
     def write(self, ws: Workspace, name: str, comps: dict, meta: dict, pipe, cfg: TrainConfig, info: dict) -> list[Path]:
-        """The library file, its kohya export and its JSON sidecar; with pivotal tuning the trigger's embedding inside
-        both (A1111's ``bundle_emb``) and as ``exports/<name>_emb.safetensors`` (A1111/ComfyUI embeddings folder)."""
+        """The library file, its kohya export and its JSON sidecar; with pivotal tuning the trigger's embedding in the
+        library file's header, in the export (A1111's ``bundle_emb``) and as ``exports/<name>_emb.safetensors``."""
         vectors = embeddings.trained_vectors(pipe)
-        bundled = embeddings.bundle(cfg.trigger, vectors, info["arch"])
-        path = lora_io.save_lora(ws.lora_path(name), comps, meta, extra=bundled)
+        header = {embeddings.META_KEY: embeddings.to_header({cfg.trigger: vectors})} if vectors else {}
+        path = lora_io.save_lora(ws.lora_path(name), comps, {**meta, **header})
         kohya = ws.exports / f"{name}.kohya.safetensors"
-        lora_io.write_kohya_export(
-            kohya, {**lora_io.to_kohya(comps, info["arch"], cfg.lora_alpha, cfg.rank, pipe.unet.config), **bundled}, meta)
+        lora_io.write_kohya_export(kohya, {**lora_io.to_kohya(comps, info["arch"], cfg.lora_alpha, cfg.rank, pipe.unet.config),
+                                           **embeddings.bundle(cfg.trigger, vectors, info["arch"])}, meta)
         extra_files = []
         if vectors:
             emb = ws.exports / f"{name}_emb.safetensors"

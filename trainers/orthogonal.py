@@ -46,7 +46,13 @@ class OrthogonalConfig(TrainConfig):
 
     method: str = _f("orthogonal", "Training method.", choices=["orthogonal"], ui=False)
     rank: int = _f(20, "LoRA rank = number of basis columns this concept uses (paper: 20).")
-    lr: float = _f(1e-4, "Learning rate of the trained up-projection (paper: 1e-5 with many more steps).")
+    target_modules: str = _f(orth.ALL_LINEARS, "UNet linear layers of the attention blocks that get LoRA (paper: all linear "
+                                          "layers; SD1.5's 1x1-conv proj_in/proj_out are left out).", advanced=True)
+    lr: float = _f(1e-5, "Learning rate of the trained up-projection (paper: 1e-5).")
+    pivotal: bool = _f(True, "Train the trigger's token embedding with the LoRA (ED-LoRA, as the paper; saved with the "
+                             "LoRA and as an A1111/ComfyUI embedding).", advanced=True)
+    snr_gamma: float = _f(0.0, "min-SNR loss weighting gamma; 0 (the paper uses plain ε-MSE) disables.", advanced=True)
+    noise_offset: float = _f(0.01, "Noise offset (Mix-of-Show's configs: 0.01).", advanced=True)
     basis_seed: int = _f(0, "Seed of the shared orthonormal bases; only LoRAs with the same seed merge cleanly.", advanced=True)
     slot: int = _f(-1, "Basis slot (columns slot*rank ... (slot+1)*rank-1); -1 picks the first free one.", advanced=True)
     slot_mode: str = _f("disjoint", "disjoint: exact orthogonality via free slots; random: the paper's random column subsets.",
@@ -80,6 +86,14 @@ class OrthogonalRecipe(DreamBoothRecipe):
         if cfg.slot_mode == "disjoint" and cfg.slot < 0 and self.ws is None:
             raise InputError("Orthogonal training needs the workspace to pick a free slot: create the recipe as "
                              "OrthogonalRecipe(ws) (or .bind(ws)), or give an explicit slot.")
+
+    def unet_targets(self, pipe, cfg: OrthogonalConfig) -> list[str]:
+        """Exact paths of the nn.Linear layers named by ``target_modules`` (a frozen orthonormal down-projection is
+        defined for linear layers: SD1.5's 1x1-conv ``proj_in``/``proj_out`` are skipped)."""
+        import torch
+
+        return sorted(n for n, m in pipe.unet.named_modules() if isinstance(m, torch.nn.Linear)
+                      and any(n == t or n.endswith("." + t) for t in cfg.targets))
 
     def _layers(self, pipe, cfg):
         comps = ("unet", "text_encoder", "text_encoder_2") if cfg.train_text_encoder else ("unet",)
