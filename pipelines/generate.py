@@ -213,7 +213,8 @@ def encode_with_decor(pipe, cfg: GenerateConfig, device) -> dict:
     """Prompt embeddings for the pipeline call, with DECOR applied to the conditional ones when asked."""
     from studio.decor import DecorSpec, apply_decor_with_pipeline
 
-    spec = DecorSpec(remove=cfg.decor_remove, strength=cfg.decor_strength, components=cfg.decor_components)
+    spec = DecorSpec(remove=cfg.decor_remove, strength=cfg.decor_strength, components=cfg.decor_components,
+                     rows=cfg.decor_rows)
     prompts = [cfg.prompt]
     if architecture(pipe) == "sdxl":
         emb, neg, pooled, neg_pooled = pipe.encode_prompt(
@@ -256,7 +257,8 @@ def generate(pipe, cfg: GenerateConfig, loras: list[LoraRef] = (), ws: Workspace
     with lora_stack(pipe, loras) as names, fused_lora_stack(pipe, names if cfg.fuse_loras else []):
         if cfg.decor_remove.strip():
             call = encode_with_decor(pipe, cfg, device)
-            params["decor"] = {"remove": cfg.decor_remove, "strength": cfg.decor_strength, "components": cfg.decor_components}
+            params["decor"] = {"remove": cfg.decor_remove, "strength": cfg.decor_strength, "components": cfg.decor_components,
+                               "rows": cfg.decor_rows}
         else:
             call = {"prompt": cfg.prompt, "negative_prompt": cfg.negative_prompt or None}
         out = pipe(

@@ -295,3 +295,15 @@ def test_slot_status_and_nested_merges(lib, tiny_sd, tmp_path):
     _, outer = lora_io.read_header(tmp_path / "outer.safetensors")
     slots = sorted(info["slot"] for _, _, info in orth._concept_columns(outer))
     assert slots == [0, 1, 5]
+
+
+def test_recipe_defaults_follow_the_paper_and_its_linear_layers(tiny_sd, tiny_sdxl):
+    cfg = OrthogonalConfig(name="x")
+    assert (cfg.rank, cfg.lr, cfg.pivotal, cfg.embedding_lr, cfg.snr_gamma, cfg.prior_preservation) == (20, 1e-4, True, 1e-3, 0.0, False)
+    assert cfg.target_modules == orth.ALL_LINEARS
+    sd = OrthogonalRecipe().unet_targets(tiny_sd, cfg)
+    xl = OrthogonalRecipe().unet_targets(tiny_sdxl, cfg)
+    for targets, pipe in ((sd, tiny_sd), (xl, tiny_sdxl)):
+        assert all(isinstance(pipe.unet.get_submodule(t), torch.nn.Linear) for t in targets)
+        assert {t.rsplit(".", 1)[-1] for t in targets} >= {"to_q", "to_k", "to_v", "0", "proj", "2"}
+    assert not any(t.endswith("proj_in") for t in sd) and any(t.endswith("proj_in") for t in xl)  # SD1.5's are 1x1 convs
