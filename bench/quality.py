@@ -419,9 +419,9 @@ def section_orthogonal(ctx: Context) -> dict:
 
 DECOR_SUBJECT = "kavo"
 DECOR_BG = ("checker", "purple")
-DECOR_STEPS = 600  # 3x the other method sections' LoRAs: long enough for the shared background to leak into the LoRA
+DECOR_STEPS = 1500  # 7.5x the other method sections' LoRAs, on near-identical references: so that something leaks
 DECOR_UNRELATED = "a photo of a cat sleeping on a sofa"  # a phrase about nothing in the prompts or the references
-DECOR_GRID = [(rows, k, a) for rows in ("words", "words+eos", "all-but-bos") for k in ("1", "auto") for a in (0.5, 1.0)]
+DECOR_GRID = [(rows, k, a) for rows in ("words", "all-but-bos") for k in ("1", "2", "auto") for a in (0.5, 1.0)]
 
 
 def section_decor(ctx: Context) -> dict:
@@ -432,7 +432,9 @@ def section_decor(ctx: Context) -> dict:
     ws = _workspace(ctx)
     per = ctx.per_prompt
     bg, bgc = DECOR_BG
-    refs = [tw.render(sc.with_(background=bg, bg_color=bgc)) for sc in tw.reference_scenes(DECOR_SUBJECT, 4, seed=0)]
+    # one reference scene rendered 4 times (only the render seed differs): uniform references, which leak most
+    first = tw.reference_scenes(DECOR_SUBJECT, 1, seed=0)[0].with_(background=bg, bg_color=bgc)
+    refs = [tw.render(first.with_(seed=first.seed + i)) for i in range(4)]
     ds = _dataset(ws, f"decor-{DECOR_SUBJECT}", [(im, None) for im in refs])
     # no captions: the training prompt names only the subject, so its references' background leaks into the LoRA
     steps = max(DB_STEPS, DECOR_STEPS)
@@ -455,16 +457,18 @@ def section_decor(ctx: Context) -> dict:
     for label, loras, kw in conds:
         imgs = _gen(ctx, prompts, loras, per, seed_offset=500, **(kw or {}))
         preds = ctx.judge.predict(imgs)
-        leak, bg_ok, subj, both = [], [], [], []
+        leak, leak_col, bg_ok, subj, both = [], [], [], [], []
         for j, sc in enumerate(scenes):
             for p in preds[j * per:(j + 1) * per]:
                 leak.append(p["background"] == bg and p["bg_color"] == bgc)
+                leak_col.append(p["bg_color"] == bgc)
                 ok = p["background"] == sc.background and p["bg_color"] == sc.bg_color
                 bg_ok.append(ok)
                 subj.append(p["shape"] == DECOR_SUBJECT)
                 both.append(ok and p["shape"] == DECOR_SUBJECT)
         r = {"metric": label, "leakage (ref bg)": _rate(leak), "leakage (ref bg type)":
-             _rate([p["background"] == bg for p in preds]), "prompt bg fidelity": _rate(bg_ok),
+             _rate([p["background"] == bg for p in preds]), "leakage (ref bg colour)": _rate(leak_col),
+             "prompt bg fidelity": _rate(bg_ok),
              "subject fidelity": _rate(subj), "subject + prompt bg": _rate(both)}
         rows_out.append(r)
         for key, v in r.items():

@@ -78,6 +78,8 @@ _ROWS_KINDS = {
     "all-but-bos": (KIND_WORD, KIND_EOS, KIND_PAD),
 }
 DEFAULT_ROWS = "all-but-bos"
+REFERENCE_CHOICES = ("null", "none")
+DEFAULT_REFERENCE = "null"
 AUTO_ENERGY = 0.9
 DEFAULT_STRENGTH = 1.0
 CLIP_MAX_LENGTH = 77
@@ -164,6 +166,14 @@ class DecorSpec:
         default=False,
         metadata={"help": "SDXL only: also project the pooled text embedding away from the removed text's one."},
     )
+    reference: str = field(
+        default=DEFAULT_REFERENCE,
+        metadata={
+            "help": "'null': build the directions from what the removed text adds to the empty prompt's embedding "
+            "(row by row), so the directions every prompt shares are not removed; 'none': from its embedding as is.",
+            "choices": REFERENCE_CHOICES,
+        },
+    )
 
     def __post_init__(self) -> None:
         if not isinstance(self.remove, str) or not self.remove.strip():
@@ -184,6 +194,8 @@ class DecorSpec:
             raise InputError(f"DECOR rows must be one of {', '.join(ROWS_CHOICES)} (got {self.rows!r}).")
         self.per_encoder = bool(self.per_encoder)
         self.pooled = bool(self.pooled)
+        if self.reference not in REFERENCE_CHOICES:
+            raise InputError(f"DECOR reference must be one of {', '.join(REFERENCE_CHOICES)} (got {self.reference!r}).")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -416,6 +428,7 @@ def apply_decor(
     pooled: torch.Tensor | None = None,
     remove_pooled: torch.Tensor | None = None,
     energy: float = AUTO_ENERGY,
+    null_embeds: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Apply ``spec`` to conditional prompt embeddings. Returns ``(embeds, pooled)``; inputs are not modified.
 
@@ -427,6 +440,9 @@ def apply_decor(
     * ``encoder_widths``: ``None`` for SD1.5; ``[768, 1280]`` (the encoders' hidden sizes) for SDXL. With
       ``spec.per_encoder`` each column block gets its own basis; otherwise one basis over the full width.
     * ``pooled`` / ``remove_pooled``: SDXL pooled embeddings ``[B, P]`` / ``[1, P]``; changed only if ``spec.pooled``.
+    * ``null_embeds``: the same encoders' output for the empty text, shaped like ``remove_embeds``; when given, the
+      basis is built from ``remove_embeds - null_embeds`` (``spec.reference == "null"``; ``apply_decor_with_pipeline``
+      passes it).
 
     With ``spec.strength == 0`` the embeddings come back unchanged (exact copies).
     """
@@ -439,6 +455,11 @@ def apply_decor(
     R = _squeeze_single(torch.as_tensor(remove_embeds), "remove_embeds")
     if R.shape[-1] != X.shape[-1] or R.shape[0] != X.shape[1]:
         raise ValueError(f"remove_embeds shape {tuple(R.shape)} does not match prompt_embeds {tuple(X.shape)}")
+    if null_embeds is not None:
+        N = _squeeze_single(torch.as_tensor(null_embeds), "null_embeds")
+        if N.shape != R.shape:
+            raise ValueError(f"null_embeds shape {tuple(N.shape)} does not match remove_embeds {tuple(R.shape)}")
+        R = R.float() - N.to(R.device).float()
     if spec.pooled and (pooled is None or remove_pooled is None):
         raise InputError("DECOR 'pooled' applies to SDXL only: this model has no pooled text embedding.")
 
@@ -548,6 +569,9 @@ def apply_decor_with_pipeline(
     removed = encode_for_decor(
         pipe, spec.remove, device=prompt_embeds.device, clip_skip=clip_skip, lora_scale=lora_scale
     )
+    null = None
+    if spec.reference == "null":
+        null = encode_for_decor(pipe, "", device=prompt_embeds.device, clip_skip=clip_skip, lora_scale=lora_scale).embeds
     _, kinds, _ = tokenize_for_decor(_kind_tokenizer(pipe), list(prompts), max_length=prompt_embeds.shape[1])
     return apply_decor(
         prompt_embeds,
@@ -558,6 +582,7 @@ def apply_decor_with_pipeline(
         encoder_widths=removed.encoder_widths,
         pooled=pooled_prompt_embeds,
         remove_pooled=removed.pooled,
+        null_embeds=null,
     )
 
 
