@@ -421,7 +421,9 @@ DECOR_SUBJECT = "kavo"
 DECOR_BG = ("checker", "purple")
 DECOR_STEPS = 1500  # 7.5x the other method sections' LoRAs, on near-identical references: so that something leaks
 DECOR_UNRELATED = "a photo of a cat sleeping on a sofa"  # a phrase about nothing in the prompts or the references
-DECOR_GRID = [(rows, k, a) for rows in ("words", "all-but-bos") for k in ("1", "2", "auto") for a in (0.5, 1.0)]
+DECOR_GRID = [("all-but-bos", "auto", 1.0, "none"),  # the studio's earlier default
+              ("all-but-bos", "auto", 1.0, "null"), ("all-but-bos", "1", 1.0, "null"), ("all-but-bos", "1", 0.5, "null"),
+              ("words", "1", 0.5, "null")]
 
 
 def section_decor(ctx: Context) -> dict:
@@ -449,10 +451,11 @@ def section_decor(ctx: Context) -> dict:
                                rng.randrange(2**31)))
     prompts = [tw.caption(s) for s in scenes]
     conds = [("base model (no LoRA)", [], None), ("LoRA, DECOR off", [_ref(path)], None)]
-    for rows, k, a in DECOR_GRID:
+    for rows, k, a, ref in DECOR_GRID:
         for what, text in (("leaked", leaked), ("unrelated", DECOR_UNRELATED)):
-            conds.append((f"remove {what}: rows={rows} k={k} α={a:g}", [_ref(path)],
-                          {"decor_remove": text, "decor_strength": a, "decor_components": k, "decor_rows": rows}))
+            conds.append((f"remove {what}: rows={rows} k={k} α={a:g} reference={ref}", [_ref(path)],
+                          {"decor_remove": text, "decor_strength": a, "decor_components": k, "decor_rows": rows,
+                           "decor_reference": ref}))
     rows_out, metrics, grid_imgs = [], {}, []
     for label, loras, kw in conds:
         imgs = _gen(ctx, prompts, loras, per, seed_offset=500, **(kw or {}))
@@ -474,7 +477,7 @@ def section_decor(ctx: Context) -> dict:
         for key, v in r.items():
             if key != "metric":
                 metrics[f"{label}: {key}"] = v
-        if kw is None or (kw["decor_rows"], kw["decor_components"], kw["decor_strength"]) == ("words", "1", 1.0):
+        if kw is None or (kw["decor_rows"], kw["decor_components"], kw["decor_strength"]) == ("all-but-bos", "1", 1.0):
             grid_imgs += imgs[::per]
     tw.contact_sheet(refs + grid_imgs, cols=4, scale=2).save(ctx.out / "decor_grid.png")
     return {"title": "DECOR: background leakage of a subject LoRA, per basis rows / components / strength",
@@ -483,8 +486,8 @@ def section_decor(ctx: Context) -> dict:
                       "steps": steps, "rank": DB_RANK, "lr": DB_LR, "prompts": len(prompts), "images_per_prompt": per,
                       "gen_steps": ctx.steps, "seed": ctx.seed},
             "metrics": metrics, "rows": rows_out, "grid": "decor_grid.png",
-            "notes": "grid: row 1 the references, then one image per prompt for: base, LoRA without DECOR, rows=words "
-                     "k=1 α=1 removing the leaked phrase, then the unrelated one"}
+            "notes": "grid: row 1 the references, then one image per prompt for: base, LoRA without DECOR, "
+                     "rows=all-but-bos k=1 α=1 removing the leaked phrase, then the unrelated one"}
 
 
 COMPOSE_PAIR = ("kavo", "tesh")

@@ -214,7 +214,7 @@ def encode_with_decor(pipe, cfg: GenerateConfig, device) -> dict:
     from studio.decor import DecorSpec, apply_decor_with_pipeline
 
     spec = DecorSpec(remove=cfg.decor_remove, strength=cfg.decor_strength, components=cfg.decor_components,
-                     rows=cfg.decor_rows)
+                     rows=cfg.decor_rows, reference=cfg.decor_reference)
     prompts = [cfg.prompt]
     if architecture(pipe) == "sdxl":
         emb, neg, pooled, neg_pooled = pipe.encode_prompt(
@@ -258,7 +258,7 @@ def generate(pipe, cfg: GenerateConfig, loras: list[LoraRef] = (), ws: Workspace
         if cfg.decor_remove.strip():
             call = encode_with_decor(pipe, cfg, device)
             params["decor"] = {"remove": cfg.decor_remove, "strength": cfg.decor_strength, "components": cfg.decor_components,
-                               "rows": cfg.decor_rows}
+                               "rows": cfg.decor_rows, "reference": cfg.decor_reference}
         else:
             call = {"prompt": cfg.prompt, "negative_prompt": cfg.negative_prompt or None}
         out = pipe(

@@ -159,10 +159,13 @@ class GenerateConfig:
     batch: int = _f(1, "Images per prompt.")
     decor_remove: str = _f("", "DECOR: text whose meaning is projected out of the prompt embeddings (empty: off).")
     decor_strength: float = _f(1.0, "DECOR strength alpha in [0, 1].")
-    decor_components: str = _f("auto", "DECOR: number of components k, or 'auto'.")
+    decor_components: str = _f("1", "DECOR: number of components k, or 'auto' (90% of the removed text's energy).")
     decor_rows: str = _f("all-but-bos", "DECOR: token rows of the removed text that build its directions (and rows of the "
                                         "prompt that are projected).", choices=["words", "words+eos", "all-but-bos"],
                          advanced=True)
+    decor_reference: str = _f("null", "DECOR: 'null' builds the directions from what the removed text adds to the empty "
+                                      "prompt (spares what every prompt shares); 'none' from its embedding as is.",
+                              choices=["null", "none"], advanced=True)
     fuse_loras: bool = _f(True, "Fuse the weighted LoRAs into the model weights for the run (no per-step LoRA cost; "
                                 "the exact weights are restored afterwards).", advanced=True)
 

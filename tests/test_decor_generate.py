@@ -27,8 +27,9 @@ def test_decor_changes_image_is_deterministic_and_alpha0_is_exact(fixture, reque
 
 def test_decor_recorded_in_png(tiny_sd, ws):
     res = generate(tiny_sd, GenerateConfig(prompt="a cat", seed=1, steps=2, decor_remove="grass", decor_strength=0.5), [], ws)
-    assert read_png_params(res.paths[0])["decor"] == {"remove": "grass", "strength": 0.5, "components": "auto",
-                                                      "rows": GenerateConfig.__dataclass_fields__["decor_rows"].default}
+    assert read_png_params(res.paths[0])["decor"] == {"remove": "grass", "strength": 0.5, "components": "1",
+                                                      "rows": GenerateConfig.__dataclass_fields__["decor_rows"].default,
+                                                      "reference": "null"}
 
 
 @pytest.mark.parametrize("kw, needle", [
@@ -82,3 +83,19 @@ def test_null_reference_builds_the_basis_from_what_the_text_adds(fixture, reques
     assert not torch.allclose(plain, with_null, atol=1e-4)
     with pytest.raises(InputError, match="reference"):
         DecorSpec(remove="x", reference="pad")
+
+
+def test_decor_defaults_agree_across_configs():
+    """The measured defaults (bench/README.md, DECOR): rows all-but-bos, k = 1, alpha = 1, reference null, the same in
+    DecorSpec, GenerateConfig (CLI, UI) and CompositionSpec."""
+    from studio import decor
+    from studio.composition import CompositionSpec
+
+    spec = decor.DecorSpec(remove="x")
+    assert (spec.rows, spec.components, spec.strength, spec.reference) == ("all-but-bos", 1, 1.0, "null")
+    g = GenerateConfig.__dataclass_fields__
+    assert g["decor_rows"].default == spec.rows and g["decor_reference"].default == spec.reference
+    assert decor.DecorSpec(remove="x", components=g["decor_components"].default).components == spec.components
+    assert g["decor_strength"].default == spec.strength
+    c = CompositionSpec(prompt="p", concepts=[{"lora": "a"}], decor_remove="x").decor()
+    assert (c.rows, c.components, c.strength, c.reference) == (spec.rows, spec.components, spec.strength, spec.reference)
