@@ -419,21 +419,30 @@ def section_orthogonal(ctx: Context) -> dict:
 
 DECOR_SUBJECT = "kavo"
 DECOR_BG = ("checker", "purple")
+DECOR_STEPS = 1500  # 7.5x the other method sections' LoRAs, on near-identical references: so that something leaks
+DECOR_UNRELATED = "a photo of a cat sleeping on a sofa"  # a phrase about nothing in the prompts or the references
+DECOR_GRID = [("all-but-bos", "auto", 1.0, "none"),  # the studio's earlier default
+              ("all-but-bos", "auto", 1.0, "null"), ("all-but-bos", "1", 1.0, "null"), ("all-but-bos", "1", 0.5, "null"),
+              ("words", "1", 0.5, "null")]
 
 
 def section_decor(ctx: Context) -> dict:
-    """DECOR: leakage of the references' shared background into new-background prompts, by projection strength."""
+    """DECOR: leakage of the references' shared background into new-background prompts, per basis rows / components /
+    strength, removing the leaked phrase and, as a control, a phrase unrelated to the subject."""
     import random as _random
 
     ws = _workspace(ctx)
     per = ctx.per_prompt
     bg, bgc = DECOR_BG
-    refs = [tw.render(sc.with_(background=bg, bg_color=bgc)) for sc in tw.reference_scenes(DECOR_SUBJECT, 4, seed=0)]
+    # one reference scene rendered 4 times (only the render seed differs): uniform references, which leak most
+    first = tw.reference_scenes(DECOR_SUBJECT, 1, seed=0)[0].with_(background=bg, bg_color=bgc)
+    refs = [tw.render(first.with_(seed=first.seed + i)) for i in range(4)]
     ds = _dataset(ws, f"decor-{DECOR_SUBJECT}", [(im, None) for im in refs])
     # no captions: the training prompt names only the subject, so its references' background leaks into the LoRA
+    steps = max(DB_STEPS, DECOR_STEPS)
     path = _train(ctx, f"decor-{DECOR_SUBJECT}", ds, "dreambooth", use_captions=False, trigger=DECOR_SUBJECT,
-                  instance_prompt=f"a {DECOR_SUBJECT} emblem")
-    remove = f"on a {bgc} {tw._BG_WORDS[bg]} background"
+                  instance_prompt=f"a {DECOR_SUBJECT} emblem", steps=steps)
+    leaked = f"on a {bgc} {tw._BG_WORDS[bg]} background"
     rng = _random.Random(f"decor-{ctx.seed}")
     scenes = []
     for b in [x for x in tw.BACKGROUNDS if x != bg]:
@@ -441,37 +450,44 @@ def section_decor(ctx: Context) -> dict:
         scenes.append(tw.Scene((tw.Obj(DECOR_SUBJECT, tw.SUBJECTS[DECOR_SUBJECT]["primary"], "large", "center"),), b, c, "flat",
                                rng.randrange(2**31)))
     prompts = [tw.caption(s) for s in scenes]
-    conds = [("base model (no LoRA)", [], None), ("LoRA, DECOR α=0 (off)", [_ref(path)], 0.0),
-             ("LoRA, DECOR α=0.5", [_ref(path)], 0.5), ("LoRA, DECOR α=1", [_ref(path)], 1.0)]
-    rows, metrics, grid_imgs = [], {}, []
-    for label, loras, alpha in conds:
-        kw = {} if alpha is None else {"decor_remove": remove, "decor_strength": alpha}
-        imgs = _gen(ctx, prompts, loras, per, seed_offset=500, **kw)
+    conds = [("base model (no LoRA)", [], None), ("LoRA, DECOR off", [_ref(path)], None)]
+    for rows, k, a, ref in DECOR_GRID:
+        for what, text in (("leaked", leaked), ("unrelated", DECOR_UNRELATED)):
+            conds.append((f"remove {what}: rows={rows} k={k} α={a:g} reference={ref}", [_ref(path)],
+                          {"decor_remove": text, "decor_strength": a, "decor_components": k, "decor_rows": rows,
+                           "decor_reference": ref}))
+    rows_out, metrics, grid_imgs = [], {}, []
+    for label, loras, kw in conds:
+        imgs = _gen(ctx, prompts, loras, per, seed_offset=500, **(kw or {}))
         preds = ctx.judge.predict(imgs)
-        leak, bg_ok, subj, both = [], [], [], []
+        leak, leak_col, bg_ok, subj, both = [], [], [], [], []
         for j, sc in enumerate(scenes):
             for p in preds[j * per:(j + 1) * per]:
                 leak.append(p["background"] == bg and p["bg_color"] == bgc)
+                leak_col.append(p["bg_color"] == bgc)
                 ok = p["background"] == sc.background and p["bg_color"] == sc.bg_color
                 bg_ok.append(ok)
                 subj.append(p["shape"] == DECOR_SUBJECT)
                 both.append(ok and p["shape"] == DECOR_SUBJECT)
         r = {"metric": label, "leakage (ref bg)": _rate(leak), "leakage (ref bg type)":
-             _rate([p["background"] == bg for p in preds]), "prompt bg fidelity": _rate(bg_ok),
+             _rate([p["background"] == bg for p in preds]), "leakage (ref bg colour)": _rate(leak_col),
+             "prompt bg fidelity": _rate(bg_ok),
              "subject fidelity": _rate(subj), "subject + prompt bg": _rate(both)}
-        rows.append(r)
-        for k, v in r.items():
-            if k != "metric":
-                metrics[f"{label}: {k}"] = v
-        grid_imgs += imgs[::per]
+        rows_out.append(r)
+        for key, v in r.items():
+            if key != "metric":
+                metrics[f"{label}: {key}"] = v
+        if kw is None or (kw["decor_rows"], kw["decor_components"], kw["decor_strength"]) == ("all-but-bos", "1", 1.0):
+            grid_imgs += imgs[::per]
     tw.contact_sheet(refs + grid_imgs, cols=4, scale=2).save(ctx.out / "decor_grid.png")
-    return {"title": "DECOR: background leakage of a subject LoRA (Pareto: prompt fidelity vs subject fidelity)",
-            "setup": {"subject": DECOR_SUBJECT, "reference_background": f"{bgc} {bg}", "decor_remove": remove,
-                      "train_prompt": f"a {DECOR_SUBJECT} emblem (no captions)", "steps": DB_STEPS, "rank": DB_RANK,
-                      "lr": DB_LR, "prompts": len(prompts), "images_per_prompt": per, "gen_steps": ctx.steps,
-                      "seed": ctx.seed},
-            "metrics": metrics, "rows": rows, "grid": "decor_grid.png",
-            "notes": "grid: row 1 the references, then one image per prompt per condition (rows in table order)"}
+    return {"title": "DECOR: background leakage of a subject LoRA, per basis rows / components / strength",
+            "setup": {"subject": DECOR_SUBJECT, "reference_background": f"{bgc} {bg}", "leaked_phrase": leaked,
+                      "unrelated_phrase": DECOR_UNRELATED, "train_prompt": f"a {DECOR_SUBJECT} emblem (no captions)",
+                      "steps": steps, "rank": DB_RANK, "lr": DB_LR, "prompts": len(prompts), "images_per_prompt": per,
+                      "gen_steps": ctx.steps, "seed": ctx.seed},
+            "metrics": metrics, "rows": rows_out, "grid": "decor_grid.png",
+            "notes": "grid: row 1 the references, then one image per prompt for: base, LoRA without DECOR, "
+                     "rows=all-but-bos k=1 α=1 removing the leaked phrase, then the unrelated one"}
 
 
 COMPOSE_PAIR = ("kavo", "tesh")

@@ -22,6 +22,7 @@ from PIL import PngImagePlugin
 
 from studio import lora_io
 from studio.config import SEED_MAX, GenerateConfig, to_dict
+from studio.embeddings import loaded_embeddings
 from studio.errors import CancelledError, InputError
 from studio.library import Workspace
 from studio.safety import check_lora_file, check_weight, disk_errors
@@ -73,7 +74,8 @@ def _adapter_name(ref: LoraRef, used: set[str]) -> str:
 
 @contextmanager
 def lora_stack(pipe, loras: list[LoraRef]):
-    """Attach ``loras`` as named adapters with their weights; always remove them afterwards."""
+    """Attach ``loras`` as named adapters with their weights, and the token embeddings they bundle; always remove them
+    afterwards."""
     names: list[str] = []
     used: set[str] = set()
     try:
@@ -87,7 +89,8 @@ def lora_stack(pipe, loras: list[LoraRef]):
             names.append(name)
         if names:
             activate_adapters(pipe, names, [r.weight for r in loras])
-        yield names
+        with loaded_embeddings(pipe, [r.path for r in loras]):  # pivotal-tuning tokens bundled with the LoRAs
+            yield names
     finally:
         if names:
             pipe.delete_adapters(names)
@@ -210,7 +213,8 @@ def encode_with_decor(pipe, cfg: GenerateConfig, device) -> dict:
     """Prompt embeddings for the pipeline call, with DECOR applied to the conditional ones when asked."""
     from studio.decor import DecorSpec, apply_decor_with_pipeline
 
-    spec = DecorSpec(remove=cfg.decor_remove, strength=cfg.decor_strength, components=cfg.decor_components)
+    spec = DecorSpec(remove=cfg.decor_remove, strength=cfg.decor_strength, components=cfg.decor_components,
+                     rows=cfg.decor_rows, reference=cfg.decor_reference)
     prompts = [cfg.prompt]
     if architecture(pipe) == "sdxl":
         emb, neg, pooled, neg_pooled = pipe.encode_prompt(
@@ -253,7 +257,8 @@ def generate(pipe, cfg: GenerateConfig, loras: list[LoraRef] = (), ws: Workspace
     with lora_stack(pipe, loras) as names, fused_lora_stack(pipe, names if cfg.fuse_loras else []):
         if cfg.decor_remove.strip():
             call = encode_with_decor(pipe, cfg, device)
-            params["decor"] = {"remove": cfg.decor_remove, "strength": cfg.decor_strength, "components": cfg.decor_components}
+            params["decor"] = {"remove": cfg.decor_remove, "strength": cfg.decor_strength, "components": cfg.decor_components,
+                               "rows": cfg.decor_rows, "reference": cfg.decor_reference}
         else:
             call = {"prompt": cfg.prompt, "negative_prompt": cfg.negative_prompt or None}
         out = pipe(

@@ -201,11 +201,12 @@ def cmd_decor(args) -> int:
     bases = None
     if args.remove:
         rem = encode_for_decor(pipe, args.remove)
+        diff = rem.embeds - encode_for_decor(pipe, "").embeds  # the default reference "null": what the text adds
         mask = rows_mask(rem.kinds[0], "all-but-bos")
         widths = rem.encoder_widths or [rem.embeds.shape[-1]]
         bases, start = [], 0
         for w in widths:
-            block = rem.embeds[0, :, start:start + w]
+            block = diff[0, :, start:start + w]
             k = min(args.components, int(mask.sum()))
             bases.append(decor_basis(block, k, mask))
             start += w

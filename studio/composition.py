@@ -132,7 +132,7 @@ class CompositionSpec:
     allow_overlap: bool = _f(False, "Allow overlapping concept boxes (overlaps are averaged).", advanced=True)
     decor_remove: str = _f("", "DECOR: text whose meaning is projected out of every pass's prompt embeddings (empty: off).")
     decor_strength: float = _f(1.0, "DECOR strength alpha in [0, 1].")
-    decor_components: str = _f("auto", "DECOR: number of components k, or 'auto'.")
+    decor_components: str = _f("1", "DECOR: number of components k, or 'auto' (90% of the removed text's energy).")
     model: str = _f("", "Base model (CLI only; the UI uses the loaded one).", ui=False)
     composer: ComposerOptions = field(default_factory=ComposerOptions, metadata={"help": "LoRA-Composer options."})
     clora: CloraOptions = field(default_factory=CloraOptions, metadata={"help": "CLoRA options."})

@@ -51,6 +51,11 @@ class TrainConfig:
     prior_loss_weight: float = _f(1.0, "Weight of the prior-preservation loss.", advanced=True)
     train_text_encoder: bool = _f(False, "Also train LoRA layers in the text encoder(s).", advanced=True)
     text_encoder_lr: float = _f(5e-5, "Learning rate of the text-encoder LoRA.", advanced=True)
+    pivotal: bool = _f(False, "Pivotal tuning: the trigger becomes a new token whose embedding trains with the LoRA in every "
+                              "text encoder (Mix-of-Show's ED-LoRA, diffusers' --train_text_encoder_ti); saved inside the "
+                              "LoRA (A1111 bundle) and as an A1111/ComfyUI embedding.", advanced=True)
+    embedding_lr: float = _f(1e-3, "Learning rate of the trigger's token embedding with pivotal tuning (ED-LoRA: 1e-3).",
+                             advanced=True)
     rank: int = _f(16, "LoRA rank (size of the adapter).")
     alpha: float = _f(0.0, "LoRA alpha; 0 means alpha = rank (scale 1).", advanced=True)
     target_modules: str = _f("to_q,to_k,to_v,to_out.0", "Comma-separated UNet module names that get LoRA layers.", advanced=True)
@@ -96,7 +101,7 @@ class TrainConfig:
             raise InputError("batch_size and grad_accum must be at least 1.")
         if not (self.lr > 0):
             raise InputError(f"the learning rate must be positive (got {self.lr}).")
-        for key, lo, hi in (("lr", 0, None), ("text_encoder_lr", 0, None), ("prior_loss_weight", 0, 100), ("alpha", 0, 1e4),
+        for key, lo, hi in (("lr", 0, None), ("text_encoder_lr", 0, None), ("embedding_lr", 0, 1), ("prior_loss_weight", 0, 100), ("alpha", 0, 1e4),
                             ("lora_dropout", 0, 0.99), ("weight_decay", 0, 10), ("max_grad_norm", 0, 1e6), ("snr_gamma", 0, 1e4),
                             ("noise_offset", -1, 1), ("recommended_weight", -10, 10), ("checkpoint_minutes", 0, 1e4)):
             check_number(getattr(self, key), key, lo, hi)
@@ -154,7 +159,13 @@ class GenerateConfig:
     batch: int = _f(1, "Images per prompt.")
     decor_remove: str = _f("", "DECOR: text whose meaning is projected out of the prompt embeddings (empty: off).")
     decor_strength: float = _f(1.0, "DECOR strength alpha in [0, 1].")
-    decor_components: str = _f("auto", "DECOR: number of components k, or 'auto'.")
+    decor_components: str = _f("1", "DECOR: number of components k, or 'auto' (90% of the removed text's energy).")
+    decor_rows: str = _f("all-but-bos", "DECOR: token rows of the removed text that build its directions (and rows of the "
+                                        "prompt that are projected).", choices=["words", "words+eos", "all-but-bos"],
+                         advanced=True)
+    decor_reference: str = _f("null", "DECOR: 'null' builds the directions from what the removed text adds to the empty "
+                                      "prompt (spares what every prompt shares); 'none' from its embedding as is.",
+                              choices=["null", "none"], advanced=True)
     fuse_loras: bool = _f(True, "Fuse the weighted LoRAs into the model weights for the run (no per-step LoRA cost; "
                                 "the exact weights are restored afterwards).", advanced=True)
 

@@ -458,6 +458,8 @@ def normalize(tensors: dict[str, torch.Tensor], meta: dict[str, str], index: dic
     owner: dict[str, str] = {}
     problems: list[str] = []
     for key, value in tensors.items():
+        if key.startswith("bundle_emb."):  # A1111's bundled token embeddings: studio/embeddings.py loads them
+            continue
         split = _split_key(key, arch)
         if split is None:
             problems.append(key)

@@ -48,7 +48,7 @@ from pathlib import Path
 
 import torch
 
-from . import lora_io
+from . import embeddings, lora_io
 from .errors import InputError, LoraFormatError
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,8 @@ DEFAULT_BASIS_SEED = 0
 DEFAULT_LAMBDA = 0.6
 SLOT_MODES = ("disjoint", "random")
 ORTHO_METHODS = ("orthogonal", "orthogonal-merge")
+# the paper adapts "all linear layers": every nn.Linear of the UNet's attention (transformer) blocks
+ALL_LINEARS = "to_q,to_k,to_v,to_out.0,ff.net.0.proj,ff.net.2,proj_in,proj_out"
 _CHECK_COLS = 8
 
 
@@ -259,7 +261,7 @@ def target_widths(pipe, targets: list[str], text_encoder: bool = False) -> list[
 
 
 def slot_status(ws, pipe, *, rank: int = 20, basis_seed: int = DEFAULT_BASIS_SEED,
-                targets: str = "to_q,to_k,to_v,to_out.0", text_encoder: bool = False) -> SlotPlan:
+                targets: str = ALL_LINEARS, text_encoder: bool = False) -> SlotPlan:
     """For the UI before training: the slot the next orthogonal concept would get, the capacity and who is where."""
     widths = target_widths(pipe, [t.strip() for t in targets.split(",") if t.strip()], text_encoder)
     return plan_slot(ws, base_model=getattr(pipe, "studio_ref", ""), basis_seed=basis_seed, rank=rank, widths=widths)
@@ -518,6 +520,11 @@ def merge_loras(sources: list, out, *, weights: list[float] | None = None, lam: 
         extra["base_model"] = first.meta["studio.base_model"]
     if first.meta.get("studio.layers_per_block"):
         extra["layers_per_block"] = first.meta["studio.layers_per_block"]
+    vectors = {}  # each concept keeps its own token embedding (the paper merges weights, never tokens)
+    for f in files:
+        vectors.update(embeddings.file_bundle(f.path))
+    if vectors:
+        extra.update({"embeddings": ", ".join(sorted(vectors)), embeddings.META_KEY: embeddings.to_header(vectors)})
     meta = lora_io.build_metadata(arch=first.arch or "sd15", method="orthogonal-merge" if orthogonal else "merge", name=name,
                                   rank=rank, alpha=float(rank), components=comps, extra=extra)
     lora_io.save_lora(out, comps, meta)

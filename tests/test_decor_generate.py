@@ -27,7 +27,9 @@ def test_decor_changes_image_is_deterministic_and_alpha0_is_exact(fixture, reque
 
 def test_decor_recorded_in_png(tiny_sd, ws):
     res = generate(tiny_sd, GenerateConfig(prompt="a cat", seed=1, steps=2, decor_remove="grass", decor_strength=0.5), [], ws)
-    assert read_png_params(res.paths[0])["decor"] == {"remove": "grass", "strength": 0.5, "components": "auto"}
+    assert read_png_params(res.paths[0])["decor"] == {"remove": "grass", "strength": 0.5, "components": "1",
+                                                      "rows": GenerateConfig.__dataclass_fields__["decor_rows"].default,
+                                                      "reference": "null"}
 
 
 @pytest.mark.parametrize("kw, needle", [
@@ -56,3 +58,44 @@ def test_cli_generate_with_decor_and_analyze(tmp_path, capsys):
                  "--plot", str(plot)]) == 0
     table = capsys.readouterr().out
     assert "grass" in table and plot.is_file()
+
+
+@pytest.mark.parametrize("fixture", ["tiny_sd", "tiny_sdxl"])
+def test_null_reference_builds_the_basis_from_what_the_text_adds(fixture, request):
+    import torch
+
+    from studio.decor import DecorSpec, apply_decor, apply_decor_with_pipeline, encode_for_decor, tokenize_for_decor
+
+    pipe = request.getfixturevalue(fixture)
+    prompt = "a red star on a blue striped background"
+    removed, null = encode_for_decor(pipe, "blue striped background"), encode_for_decor(pipe, "")
+    emb = encode_for_decor(pipe, prompt)
+    kinds = tokenize_for_decor(pipe.tokenizer, [prompt], max_length=emb.embeds.shape[1])[1]
+    kw = dict(prompt_token_mask=kinds, remove_token_mask=removed.kinds, encoder_widths=removed.encoder_widths)
+    spec = DecorSpec(remove="blue striped background", components=2)
+    assert spec.reference == "null"  # the default: measured in bench/README.md (DECOR)
+    with_null, _ = apply_decor_with_pipeline(pipe, spec, [prompt], emb.embeds)
+    by_hand, _ = apply_decor(emb.embeds, removed.embeds - null.embeds, spec, **kw)
+    assert torch.allclose(with_null, by_hand, atol=1e-5)
+    plain, _ = apply_decor_with_pipeline(pipe, DecorSpec(remove="blue striped background", components=2, reference="none"),
+                                         [prompt], emb.embeds)
+    assert torch.allclose(plain, apply_decor(emb.embeds, removed.embeds, spec, **kw)[0], atol=1e-5)
+    assert not torch.allclose(plain, with_null, atol=1e-4)
+    with pytest.raises(InputError, match="reference"):
+        DecorSpec(remove="x", reference="pad")
+
+
+def test_decor_defaults_agree_across_configs():
+    """The measured defaults (bench/README.md, DECOR): rows all-but-bos, k = 1, alpha = 1, reference null, the same in
+    DecorSpec, GenerateConfig (CLI, UI) and CompositionSpec."""
+    from studio import decor
+    from studio.composition import CompositionSpec
+
+    spec = decor.DecorSpec(remove="x")
+    assert (spec.rows, spec.components, spec.strength, spec.reference) == ("all-but-bos", 1, 1.0, "null")
+    g = GenerateConfig.__dataclass_fields__
+    assert g["decor_rows"].default == spec.rows and g["decor_reference"].default == spec.reference
+    assert decor.DecorSpec(remove="x", components=g["decor_components"].default).components == spec.components
+    assert g["decor_strength"].default == spec.strength
+    c = CompositionSpec(prompt="p", concepts=[{"lora": "a"}], decor_remove="x").decor()
+    assert (c.rows, c.components, c.strength, c.reference) == (spec.rows, spec.components, spec.strength, spec.reference)

@@ -99,9 +99,10 @@ def test_training_freezes_basis_slots_and_records_them(lib):
         assert meta["studio.method"] == "orthogonal" and meta["studio.slot"] == str(slot)
         assert meta["studio.slot_mode"] == "disjoint" and meta["studio.basis_seed"] == "0" and meta["studio.base_model"] == "tiny-sd"
         checks = json.loads(meta["studio.basis_checksum"])
-        assert checks == {str(m): orth.basis_checksum(m, 0) for m in (32, 64)}
         downs = {k: v for k, v in tensors.items() if k.endswith("lora_A.weight")}
-        assert downs
+        widths = sorted({a.shape[1] for a in downs.values()})  # attention (32, 64) and feed-forward (128, 256) inputs
+        assert widths == [32, 64, 128, 256] and checks == {str(m): orth.basis_checksum(m, 0) for m in widths}
+        assert any(".ff.net.2." in k for k in downs) and any(".attn2.to_k." in k for k in downs)  # all linears of the blocks
         for k, a in downs.items():
             assert torch.equal(a, orth.down_projection(a.shape[1], orth.slot_columns(slot, 4)))  # frozen, also across resume
         assert max(v.abs().max().item() for k, v in tensors.items() if k.endswith("lora_B.weight")) > 0  # up-projection trained
@@ -170,7 +171,7 @@ def test_merged_file_equals_sum_of_adapters_and_fused_weights(lib):
     got = _unet_out(merged)
     fused = load_pipeline("tiny-sd")
     fr = orth.fuse_into_pipeline(fused, [_p(ws, "a"), _p(ws, "b")], weights=[0.6, 0.9])
-    assert fr.layers == 32
+    assert fr.layers == len(orth.load_lora_file(_p(ws, "a")).layers) == 40  # 8 attention + 2 feed-forward linears x 4 blocks
     via_fuse = _unet_out(fused)
     assert (want - base).norm() > 1e-3 * want.norm()  # the LoRAs do something
     for out in (got, via_fuse):
@@ -236,7 +237,7 @@ def test_crosstalk_table(lib):
     ws = lib
     ortho = orth.crosstalk([_p(ws, "a"), _p(ws, "b")])
     plain = orth.crosstalk([_p(ws, "c"), _p(ws, "d")])
-    assert len(ortho.rows) == 2 * 32 and len(ortho.pairs) == 2
+    assert len(ortho.rows) == 2 * 40 and len(ortho.pairs) == 2  # 2 concepts x 40 linears (attention + feed-forward)
     assert max(r["overlap"] for r in ortho.rows) < 1e-6 and max(r["interference"] for r in ortho.rows) < 1e-5
     assert min(p["mean_interference"] for p in plain.pairs) > 0.05 and min(p["max_overlap"] for p in plain.pairs) > 0.1
     table = ortho.to_table()
@@ -284,7 +285,7 @@ def test_sdxl_with_text_encoder_and_prior_preservation(ws):
 def test_slot_status_and_nested_merges(lib, tiny_sd, tmp_path):
     ws = lib
     st = orth.slot_status(ws, tiny_sd, rank=4)
-    assert st.widths == [32, 64] and st.capacity == 8 and st.slot >= 2 and "free" in st.message()
+    assert st.widths == [32, 64, 128, 256] and st.capacity == 8 and st.slot >= 2 and "free" in st.message()
     # a merge of a merge keeps every member's slot occupied
     orth.merge_loras([_p(ws, "a"), _p(ws, "b")], _p(ws, "ab-inner"))
     tensors, meta = lora_io.read_tensors(_p(ws, "b"))
@@ -294,3 +295,15 @@ def test_slot_status_and_nested_merges(lib, tiny_sd, tmp_path):
     _, outer = lora_io.read_header(tmp_path / "outer.safetensors")
     slots = sorted(info["slot"] for _, _, info in orth._concept_columns(outer))
     assert slots == [0, 1, 5]
+
+
+def test_recipe_defaults_follow_the_paper_and_its_linear_layers(tiny_sd, tiny_sdxl):
+    cfg = OrthogonalConfig(name="x")
+    assert (cfg.rank, cfg.lr, cfg.pivotal, cfg.embedding_lr, cfg.snr_gamma, cfg.prior_preservation) == (20, 1e-4, True, 1e-3, 0.0, False)
+    assert cfg.target_modules == orth.ALL_LINEARS
+    sd = OrthogonalRecipe().unet_targets(tiny_sd, cfg)
+    xl = OrthogonalRecipe().unet_targets(tiny_sdxl, cfg)
+    for targets, pipe in ((sd, tiny_sd), (xl, tiny_sdxl)):
+        assert all(isinstance(pipe.unet.get_submodule(t), torch.nn.Linear) for t in targets)
+        assert {t.rsplit(".", 1)[-1] for t in targets} >= {"to_q", "to_k", "to_v", "0", "proj", "2"}
+    assert not any(t.endswith("proj_in") for t in sd) and any(t.endswith("proj_in") for t in xl)  # SD1.5's are 1x1 convs

@@ -62,6 +62,8 @@ class BLoraConfig(TrainConfig):
     lr: float = _f(5e-5, "Learning rate (the paper: 5e-5, constant).")
     snr_gamma: float = _f(0.0, "min-SNR loss weighting gamma; 0 (the official B-LoRA setting) disables.", advanced=True)
     noise_offset: float = _f(0.0, "Noise offset (the official B-LoRA script uses none).", advanced=True)
+    pivotal: bool = _f(False, "Not part of B-LoRA (the paper trains two UNet blocks on 'A [v]' with frozen text encoders).",
+                       ui=False)
 
     def __post_init__(self) -> None:
         if not self.trigger.strip():
@@ -69,6 +71,9 @@ class BLoraConfig(TrainConfig):
         if self.train_text_encoder:
             raise InputError("B-LoRA keeps the text encoders frozen (the paper trains only two UNet blocks): "
                              "turn off train_text_encoder.")
+        if self.pivotal:
+            raise InputError("B-LoRA keeps the text encoders and their embeddings frozen (the paper trains only two UNet "
+                             "blocks): turn off pivotal tuning.")
         bad = [t for t in self.targets if t not in LINEARS]
         if bad or not self.targets:
             raise InputError(f"B-LoRA adapts only the attention linears {', '.join(LINEARS)} (got {bad or 'none'}).")

@@ -7,7 +7,8 @@ file, kohya export, JSON sidecar). Everything else is the shared loop in ``train
 
 Notable choices: alpha defaults to the rank (scale 1) like the diffusers scripts; min-SNR gamma 5 and an SDXL noise
 offset of 0.0357 are on by default (both absent from the SD1.5 diffusers script); latents and text embeddings are
-cached once when the text encoders are frozen.
+cached once when the text encoders are frozen. Optional pivotal tuning (``pivotal``, off by default as in diffusers'
+DreamBooth scripts): the trigger's token embedding trains beside the LoRA and is saved with it (``studio/embeddings.py``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from studio import lora_io
+from studio import embeddings, lora_io
 from studio.config import TrainConfig, to_dict
 from studio.library import Workspace
 
@@ -80,6 +81,7 @@ class DreamBoothRecipe:
             "config": to_dict(cfg),
             "modelspec.trigger_phrase": cfg.trigger,
             "class_word": cfg.class_word,  # with the trigger, what composition engines build concept prompts from
+            **({"embeddings": cfg.trigger} if cfg.pivotal else {}),  # the token whose vectors the file bundles
             "modelspec.resolution": f"{info['resolution']}x{info['resolution']}",
             **({"stopped_early": "true"} if info.get("stopped") else {}),
             **(extra or {}),
@@ -88,19 +90,29 @@ class DreamBoothRecipe:
                                       alpha=cfg.lora_alpha, components=comps, extra=extra)
 
     def write(self, ws: Workspace, name: str, comps: dict, meta: dict, pipe, cfg: TrainConfig, info: dict) -> list[Path]:
-        """The library file, its kohya export and its JSON sidecar."""
-        path = lora_io.save_lora(ws.lora_path(name), comps, meta)
+        """The library file, its kohya export and its JSON sidecar; with pivotal tuning the trigger's embedding in the
+        library file's header, in the export (A1111's ``bundle_emb``) and as ``exports/<name>_emb.safetensors``."""
+        vectors = embeddings.trained_vectors(pipe)
+        header = {embeddings.META_KEY: embeddings.to_header({cfg.trigger: vectors})} if vectors else {}
+        path = lora_io.save_lora(ws.lora_path(name), comps, {**meta, **header})
         kohya = ws.exports / f"{name}.kohya.safetensors"
-        lora_io.write_kohya_export(
-            kohya, lora_io.to_kohya(comps, info["arch"], cfg.lora_alpha, cfg.rank, pipe.unet.config), meta)
+        lora_io.write_kohya_export(kohya, {**lora_io.to_kohya(comps, info["arch"], cfg.lora_alpha, cfg.rank, pipe.unet.config),
+                                           **embeddings.bundle(cfg.trigger, vectors, info["arch"])}, meta)
+        extra_files = []
+        if vectors:
+            emb = ws.exports / f"{name}_emb.safetensors"
+            lora_io.atomic_save_safetensors(emb, embeddings.standalone(vectors, info["arch"]),
+                                            {"studio.token": cfg.trigger, "studio.base_arch": info["arch"]})
+            extra_files.append(emb)
         ws.write_sidecar(name, {"name": name, "method": cfg.method, "architecture": info["arch"], "trigger": cfg.trigger,
                                 "recommended_weight": cfg.recommended_weight, "config": to_dict(cfg),
                                 **{k: v for k, v in info.items() if k != "arch"}, "kohya_export": str(kohya),
                                 "role": meta.get("studio.role", "subject"), "source": meta.get("studio.source", ""),
                                 # what A1111 reads from <name>.json beside a LoRA file
                                 **{k: v for k, v in lora_io.a1111_sidecar(meta).items()
-                                   if k in ("activation text", "preferred weight", "sd version")}})
-        return [path, kohya]
+                                   if k in ("activation text", "preferred weight", "sd version")},
+                                **({"embedding_file": str(extra_files[0])} if extra_files else {})})
+        return [path, kohya, *extra_files]
 
     def save(self, pipe, cfg: TrainConfig, ws: Workspace, info: dict, final: bool) -> list[Path]:
         comps = self.components(pipe, cfg)

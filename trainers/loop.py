@@ -23,6 +23,7 @@ from typing import Callable, Protocol
 import torch
 import torch.nn.functional as F
 
+from studio import embeddings as E
 from studio.config import TrainConfig, to_dict
 from studio.errors import CancelledError, InputError, StudioError, TrainingError
 from studio.library import Workspace
@@ -234,7 +235,7 @@ def _lora_params(pipe) -> dict[str, torch.nn.Parameter]:
         if model is None:
             continue
         for n, p in model.named_parameters():
-            if "lora_" in n:
+            if "lora_" in n or n.endswith(E.PARAM):  # LoRA weights and a pivotal-tuning token vector
                 out[f"{comp}.{n}"] = p
     return out
 
@@ -324,7 +325,7 @@ def load_checkpoint(pipe, cfg, ws, optimizer, scheduler, gen, batcher) -> tuple[
                              "which is no longer loaded. Start a new run (or train with --overwrite).")
         raise InputError(f"No checkpoint to resume for {cfg.name!r}: start a new run instead.")
     saved_cfg = json.loads((cur / "config.json").read_text())
-    for key in ("model", "rank", "method", "target_modules", "train_text_encoder"):
+    for key in ("model", "rank", "method", "target_modules", "train_text_encoder", "pivotal"):
         if saved_cfg.get(key) != getattr(cfg, key):
             raise InputError(f"Cannot resume: the checkpoint was made with {key}={saved_cfg.get(key)!r}, not {getattr(cfg, key)!r}.")
     weights = load_file(str(cur / "lora.safetensors"))
@@ -406,6 +407,16 @@ def _mixed_precision(cfg: TrainConfig, device: torch.device) -> str:
 def train(cfg: TrainConfig, recipe: Recipe, ws: Workspace, *, pipe=None, events: Events | None = None,
           controls: Controls | None = None) -> TrainResult:
     """Train a LoRA with ``recipe``; returns the written files. Raises StudioError subclasses with user messages."""
+    undo: list[Callable[[], None]] = []  # what the run changed in the pipeline beyond its adapters (pivotal tokens)
+    try:
+        return _run(cfg, recipe, ws, pipe, events, controls, undo)
+    finally:
+        for fn in reversed(undo):
+            fn()
+
+
+def _run(cfg: TrainConfig, recipe: Recipe, ws: Workspace, pipe, events: Events | None, controls: Controls | None,
+         undo: list[Callable[[], None]]) -> TrainResult:
     from accelerate import Accelerator, PartialState
     from accelerate.state import AcceleratorState
     from diffusers.optimization import get_scheduler
@@ -417,7 +428,9 @@ def train(cfg: TrainConfig, recipe: Recipe, ws: Workspace, *, pipe=None, events:
     if not cfg.trigger.strip():
         from .triggers import unique_trigger
 
-        cfg.trigger = unique_trigger(ws, cfg.name)  # one rare token per LoRA, unlike every trigger in the library
+        cfg.trigger = unique_trigger(ws, cfg.name, new_token=cfg.pivotal)  # one rare token per LoRA, unlike the library's
+    if cfg.pivotal:
+        E.check_token(cfg.trigger)
     _emit(events, type="phase", phase="loading", detail="validating images")
     refs = D.load_dataset(ws.resolve_dataset(cfg.images), use_captions=cfg.use_captions)
     names = check_targets(cfg, ws)
@@ -458,6 +471,9 @@ def train(cfg: TrainConfig, recipe: Recipe, ws: Workspace, *, pipe=None, events:
             m.requires_grad_(False)
     torch.manual_seed(cfg.seed)
     recipe.add_adapters(pipe, cfg)
+    if cfg.pivotal:
+        E.start_pivotal(pipe, cfg.trigger)
+        undo.append(lambda: E.stop_pivotal(pipe, cfg.trigger))
     params = _lora_params(pipe)
     trainable = {k: p for k, p in params.items() if p.requires_grad}
     if not trainable:
@@ -470,14 +486,14 @@ def train(cfg: TrainConfig, recipe: Recipe, ws: Workspace, *, pipe=None, events:
         pipe.unet.enable_gradient_checkpointing()
 
     _emit(events, type="phase", phase="caching", detail="caching latents and text embeddings")
-    batcher = _Batcher(pipe, cfg, examples, resolution, device, cache_text=not cfg.train_text_encoder)
+    batcher = _Batcher(pipe, cfg, examples, resolution, device, cache_text=not (cfg.train_text_encoder or cfg.pivotal))
     inst_pool = [i for i, e in enumerate(examples) if not e.is_class]
     cls_pool = [i for i, e in enumerate(examples) if e.is_class]
 
-    groups = [{"params": [p for k, p in trainable.items() if k.startswith("unet.")], "lr": cfg.lr}]
-    te_params = [p for k, p in trainable.items() if not k.startswith("unet.")]
-    if te_params:
-        groups.append({"params": te_params, "lr": cfg.text_encoder_lr})
+    groups = [{"params": [p for k, p in trainable.items() if k.startswith("unet.")], "lr": cfg.lr},
+              {"params": [p for k, p in trainable.items() if not k.startswith("unet.") and not k.endswith(E.PARAM)],
+               "lr": cfg.text_encoder_lr},
+              {"params": [p for k, p in trainable.items() if k.endswith(E.PARAM)], "lr": cfg.embedding_lr, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
     optimizer = _optimizer(cfg, groups, device)
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.warmup_steps * accelerator.num_processes,

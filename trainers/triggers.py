@@ -37,21 +37,29 @@ def library_triggers(ws, exclude: str = "") -> set[str]:
     return out
 
 
-def unique_trigger(ws, name: str, tokenizer=None) -> str:
+def unique_trigger(ws, name: str, tokenizer=None, new_token: bool = False) -> str:
     """The default trigger of a new LoRA ``name``: a rare single token no other LoRA of the library uses (the LoRA of
     the same name, which a new run replaces, does not count). Starts at ``rare_token(name)``; when the list is used
-    up, further rare single tokens come from the end of ``tokenizer``'s vocabulary."""
+    up, further rare single tokens come from the end of ``tokenizer``'s vocabulary. ``new_token`` (pivotal tuning):
+    also not a vocabulary entry without its end-of-word mark, so that it can be added to the tokenizer as a new token."""
     used = library_triggers(ws, exclude=name) if ws is not None else set()
+    if new_token:
+        from studio.models import load_tokenizer
+
+        tokenizer = tokenizer or load_tokenizer()
+        used |= {w for w in RARE_TOKENS if w in tokenizer.get_vocab()}
     start = _index(name or "lora")
     for k in range(len(RARE_TOKENS)):
         cand = RARE_TOKENS[(start + k) % len(RARE_TOKENS)]
         if cand not in used:
             return cand
     if tokenizer is not None:
-        vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: -kv[1])
+        known = tokenizer.get_vocab()
+        vocab = sorted(known.items(), key=lambda kv: -kv[1])
         for tok, _ in vocab:
             word = tok[:-4] if tok.endswith("</w>") else ""
-            if 3 <= len(word) <= 5 and word.isascii() and word.isalpha() and word.islower() and word not in used:
+            if (3 <= len(word) <= 5 and word.isascii() and word.isalpha() and word.islower() and word not in used
+                    and not (new_token and word in known)):
                 if len(tokenizer(word, add_special_tokens=False).input_ids) == 1:
                     return word
     from studio.errors import InputError

@@ -49,6 +49,31 @@ def recipes() -> dict:
     return RECIPES
 
 
+def _default(cls: type, name: str):
+    return next(f.default for f in dataclasses.fields(cls) if f.name == name)
+
+
+def engine_defaults(model: str) -> dict[str, dict]:
+    """Steps and guidance per engine: a plain generation takes GenerateConfig's (or what the model's folder asks for),
+    the regional engines take CompositionSpec's (the papers' 50 steps, CFG 7.5)."""
+    from studio.composition import CompositionSpec
+    from studio.config import GenerateConfig
+
+    from .hints import model_hints
+
+    plain = {k: _default(GenerateConfig, k) for k in ("steps", "guidance")}
+    plain.update({k: v for k, v in model_hints(model).get("generate_defaults", {}).items() if k in plain})
+    paper = {k: _default(CompositionSpec, k) for k in ("steps", "guidance")}
+    return {"merge": plain, "composer": paper, "clora": paper}
+
+
+def blora_weights() -> tuple[float, float]:
+    """Default content and style weights of B-LoRA style transfer (pipelines/blora.py: the official demos' α 1.0, 1.1)."""
+    from pipelines.blora import DEFAULT_CONTENT_WEIGHT, DEFAULT_STYLE_WEIGHT
+
+    return DEFAULT_CONTENT_WEIGHT, DEFAULT_STYLE_WEIGHT
+
+
 def method_fields(method: str) -> list[dataclasses.Field]:
     cls = recipes()[method].config_cls
     return [f for f in dataclasses.fields(cls) if f.name not in HIDDEN_FIELDS and f.metadata.get("ui", True)]

@@ -24,10 +24,19 @@ REGIONS = regions.REGIONS
 BOXES = regions.BOXES
 
 
+def engine_settings(per_engine: dict, engine: str, steps, guidance) -> tuple[int, float] | None:
+    """Steps and guidance after picking ``engine`` by hand: its defaults (``actions.engine_defaults``), unless the
+    user had changed them from every engine's defaults (then None: keep them)."""
+    if any(int(steps) == d["steps"] and float(guidance) == d["guidance"] for d in per_engine.values()):
+        return per_engine[engine]["steps"], per_engine[engine]["guidance"]
+    return None
+
+
 def build(services: Services) -> dict:
     hints = model_hints(services.model)
     ph = hints["placeholders"]
-    gen_defaults = hints.get("generate_defaults", {})
+    per_engine = actions.engine_defaults(services.model)  # steps and guidance: the config dataclasses' (and the model's)
+    content_w, style_w = actions.blora_weights()
     res_w, res_h = output_size(services.model, 0, 0)
     with gr.Row(equal_height=False):
         with gr.Column(scale=3, min_width=320):
@@ -54,9 +63,9 @@ def build(services: Services) -> dict:
                     seed = gr.Textbox(value="-1", label="Seed", info="-1 picks a random one; reuse a seed to repeat an image.",
                                       elem_id="gen-seed", min_width=120)
                     used_seed = gr.Textbox(label="Last used seed", interactive=False, elem_id="gen-used-seed", min_width=120)
-                    steps = gr.Slider(1, 100, value=int(gen_defaults.get("steps", 25)), step=1, label="Steps",
+                    steps = gr.Slider(1, 100, value=int(per_engine["merge"]["steps"]), step=1, label="Steps",
                                       info="More steps: finer detail, longer wait.", elem_id="gen-steps", min_width=140)
-                    guidance = gr.Slider(0, 20, value=float(gen_defaults.get("guidance", 7.0)), step=0.5, label="Guidance",
+                    guidance = gr.Slider(0, 20, value=float(per_engine["merge"]["guidance"]), step=0.5, label="Guidance",
                                          info="How literally the prompt is followed.", elem_id="gen-guidance", min_width=140)
                 with gr.Row():
                     width = gr.Number(value=0, precision=0, label=f"Width (0 = {res_w} px, the model's size)", elem_id="gen-width",
@@ -68,10 +77,10 @@ def build(services: Services) -> dict:
                             "e.g. 'A [c] in [s] style'.</span>")
                 with gr.Row():
                     bl_content = gr.Dropdown(choices=[], label="Content B-LoRA", elem_id="gen-blora-content")
-                    bl_cw = gr.Slider(0, 2, value=1.0, step=0.05, label="content weight", elem_id="gen-blora-content-weight")
+                    bl_cw = gr.Slider(0, 2, value=content_w, step=0.05, label="content weight", elem_id="gen-blora-content-weight")
                 with gr.Row():
                     bl_style = gr.Dropdown(choices=[], label="Style B-LoRA", elem_id="gen-blora-style")
-                    bl_sw = gr.Slider(0, 2, value=1.0, step=0.05, label="style weight", elem_id="gen-blora-style-weight")
+                    bl_sw = gr.Slider(0, 2, value=style_w, step=0.05, label="style weight", elem_id="gen-blora-style-weight")
                 bl_blocks = gr.Checkbox(label="Per-block prompts (content block sees only 'A [c]', paper supplement)",
                                         elem_id="gen-blora-blocks")
             with gr.Accordion("DECOR: remove a meaning", open=False):
@@ -183,6 +192,13 @@ def build(services: Services) -> dict:
     engine.change(lambda e: gr.Accordion(open=True) if e != "merge" else gr.skip(), inputs=engine, outputs=regions_box,
                   api_visibility="private", show_progress="hidden")
     stop.click(lambda j: services.store.request(j, "stop") if j else None, inputs=job_id, api_visibility="private")
+
+    def on_engine(e, st, g):
+        new = engine_settings(per_engine, e, st, g)
+        return (gr.skip(), gr.skip()) if new is None else new
+
+    engine.input(on_engine, inputs=[engine, steps, guidance], outputs=[steps, guidance], api_visibility="private",
+                 show_progress="hidden")
 
     def on_regions(ed, wd, ht, last, *row_vals):
         w_, h_ = output_size(services.model, wd, ht)

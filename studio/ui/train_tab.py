@@ -14,7 +14,7 @@ from .actions import Services
 from .hints import model_hints
 
 MAIN_FIELDS = ("trigger", "class_word", "steps", "rank", "lr")
-ADVANCED = ("instance_prompt", "use_captions", "train_text_encoder", "resolution", "random_flip", "center_crop",
+ADVANCED = ("instance_prompt", "use_captions", "train_text_encoder", "pivotal", "resolution", "random_flip", "center_crop",
             "prior_preservation", "class_prompt", "num_class_images", "seed", "sample_prompt", "sample_steps",
             "checkpoint_every", "recommended_weight", "batch_size")
 FORM_HIDDEN = ("sample_every",)  # set from the "sample images" count
@@ -24,7 +24,8 @@ LABELS = {"lr": "Learning rate", "snr_gamma": "Balance noise levels (min-SNR γ)
           "lr_scheduler": "Learning-rate schedule", "noise_offset": "Noise offset (-1: automatic)",
           "target_modules": "Layers that get a LoRA", "alpha": "LoRA alpha (0: same as rank)",
           "grad_accum": "Gradient accumulation", "max_grad_norm": "Gradient clipping", "class_word": "Class word",
-          "instance_prompt": "Training prompt", "recommended_weight": "Recommended weight"}
+          "instance_prompt": "Training prompt", "recommended_weight": "Recommended weight",
+          "pivotal": "Train the trigger's embedding (pivotal tuning)", "embedding_lr": "Embedding learning rate"}
 PLAIN = {  # one-line plain descriptions where the config's help text is jargon
     "trigger": "The made-up word that will mean your subject in prompts.",
     "class_word": "What the subject is, in one word (dog, backpack, emblem).",
@@ -46,6 +47,9 @@ PLAIN = {  # one-line plain descriptions where the config's help text is jargon
     "gradient_checkpointing": "Uses less GPU memory and trains somewhat slower.",
     "prior_loss_weight": "How much the class images count next to your own pictures.",
     "text_encoder_lr": "Learning rate of the text-encoder LoRA (only with 'Train text encoder').",
+    "pivotal": "The trigger becomes a new word with its own learned meaning; saved with the LoRA and as an embedding "
+               "A1111 and ComfyUI load.",
+    "embedding_lr": "Learning rate of the trigger's embedding (only with pivotal tuning).",
     "sample_prompt": "Prompt of the sample images; empty uses the training prompt (with the trigger).",
 }
 
