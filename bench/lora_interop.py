@@ -33,7 +33,7 @@ TE = ["q_proj", "k_proj", "v_proj", "out_proj"]
 def studio_lora(model: str, out: Path) -> dict[str, Path]:
     from peft import LoraConfig
 
-    from studio import lora_io
+    from studio import embeddings, lora_io
     from studio.models import architecture, load_pipeline
 
     pipe = load_pipeline(model)
@@ -50,9 +50,12 @@ def studio_lora(model: str, out: Path) -> dict[str, Path]:
         comps[comp] = lora_io.adapter_state(m)
     meta = lora_io.build_metadata(arch=arch, method="bench", name=model, rank=2, alpha=1.0, components=comps,
                                   extra={"base_model": model})
+    vectors = {key: torch.randn(1, enc.config.hidden_size, generator=gen) for key, _, enc in embeddings.encoders(pipe)}
+    kohya = lora_io.to_kohya(comps, arch, 1.0, 2, pipe.unet.config)
     files = {"studio diffusers file": lora_io.save_lora(out / f"{model}.safetensors", comps, meta),
-             "studio kohya export": lora_io.write_kohya_export(
-                 out / f"{model}.kohya.safetensors", lora_io.to_kohya(comps, arch, 1.0, 2, pipe.unet.config), meta)}
+             "studio kohya export": lora_io.write_kohya_export(out / f"{model}.kohya.safetensors", kohya, meta),
+             "studio kohya export, pivotal (bundle_emb)": lora_io.write_kohya_export(
+                 out / f"{model}.pivotal.kohya.safetensors", {**kohya, **embeddings.bundle("kvx", vectors, arch)}, meta)}
     return files
 
 
@@ -147,7 +150,8 @@ def a1111_share(a1111: Path, arch: str, path: Path) -> str:
     sd = load_file(str(path))
     matched, embeddings = mk.a1111_loader(a1111, mk.a1111_layer_names(models, arch))(sd)
     bundled = sum(1 for k in sd if k.startswith("bundle_emb."))
-    extra = f" + {len(embeddings)} bundled embedding(s)" if embeddings else ""
+    extra = "".join(f" + embedding {n!r} ({getattr(e, 'vectors', '?')} vector of {getattr(e, 'shape', '?')})"
+                    for n, e in embeddings.items())
     return f"{100 * len(matched) / (len(sd) - bundled):.1f}%{extra}"
 
 
@@ -205,7 +209,7 @@ def main() -> None:
         for what, path in studio_lora(model, tmp).items():
             rows.append({"client": f"diffusers {diffusers.__version__}", "file": f"{what} ({model})",
                          "applied": placed_share(pipes[arch], path, diff_load)})
-            if "kohya" in what:
+            if what == "studio kohya export":
                 rows.append({"client": "kohya sd-scripts networks/lora.py", "file": f"{what} ({model})",
                              "applied": kohya_share(args.kohya, arch, path)})
                 rows.append({"client": "ComfyUI comfy/lora.py key maps", "file": f"{what} ({model})",

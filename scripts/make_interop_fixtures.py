@@ -363,8 +363,9 @@ def a1111_layer_names(models: dict, arch: str) -> set[str]:
 
 
 def a1111_loader(a1111: Path, layer_names: set[str]):
-    """``load(state_dict) -> (matched tensor names, bundled embedding names)`` by A1111's own ``load_network`` (the
-    file's code, run with stand-ins for the web UI's globals and a model whose layers are ``layer_names``)."""
+    """``load(state_dict)`` by A1111's own ``load_network`` (the file's code, run with stand-ins for the web UI's
+    globals and a model whose layers are ``layer_names``), and its ``create_embedding_from_data`` for bundled
+    embeddings where the checkout has ``modules/textual_inversion/textual_inversion.py``."""
     src = a1111 / "extensions-builtin" / "Lora" / "networks.py"
     if not src.is_file():
         src = a1111
@@ -381,20 +382,26 @@ def a1111_loader(a1111: Path, layer_names: set[str]):
 
     current: dict = {}
     sd_model = types.SimpleNamespace(network_layer_mapping={n: object() for n in layer_names})
+    ti = types.SimpleNamespace(create_embedding_from_data=lambda data, name, filename: types.SimpleNamespace(name=name))
+    ti_src = src.parent.parent.parent / "modules" / "textual_inversion" / "textual_inversion.py"
+    if ti_src.is_file():  # A1111's own parsing of a bundled embedding (create_embedding_from_data)
+        ti_ns = {"Embedding": lambda vec, name: types.SimpleNamespace(vec=vec, name=name)}
+        exec(compile(ti_src.read_text(), str(ti_src), "exec"), ti_ns)  # noqa: S102 - the client's own code
+        ti = types.SimpleNamespace(**ti_ns)
     ns = {"shared": types.SimpleNamespace(sd_model=sd_model, opts=types.SimpleNamespace()),
           "network": types.SimpleNamespace(Network=_Network, NetworkWeights=lambda **kw: types.SimpleNamespace(**kw)),
           "sd_models": types.SimpleNamespace(read_state_dict=lambda _: current), "module_types": [_Accept()],
-          "textual_inversion": types.SimpleNamespace(
-              create_embedding_from_data=lambda data, name, filename: types.SimpleNamespace(name=name))}
+          "textual_inversion": ti}
     exec(compile(src.read_text(), str(src), "exec"), ns)  # noqa: S102 - the client's own code, outside this repo
 
-    def load(sd: dict) -> tuple[list[str], list[str]]:
-        """The values of ``sd`` are replaced by the key names, so a matched "weight" names its own tensor."""
+    def load(sd: dict) -> tuple[list[str], dict]:
+        """``(matched tensor names, {bundled embedding name: A1111's Embedding})``; the values of the LoRA tensors
+        are replaced by their key names, so a matched "weight" names its own tensor."""
         matched.clear()
         current.clear()
-        current.update({k: k for k in sd})
+        current.update({k: (v if k.startswith("bundle_emb.") else k) for k, v in sd.items()})
         net = ns["load_network"]("lora", types.SimpleNamespace(filename=__file__))
-        return list(matched), sorted(net.bundle_embeddings)
+        return list(matched), net.bundle_embeddings
 
     return load
 
