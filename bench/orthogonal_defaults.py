@@ -31,6 +31,8 @@ RECIPES = {  # name -> OrthogonalConfig overrides (everything else: the recipe's
         target_modules="to_q,to_k,to_v,to_out.0", lr=1e-4, pivotal=False, snr_gamma=5.0, noise_offset=-1.0),
     "paper (all linears, lr 1e-5, embedding 1e-3)": dict(lr=1e-5),
     "paper, LoRA lr 1e-4 (the recipe's default)": dict(lr=1e-4),
+    "the default without the embedding": dict(lr=1e-4, pivotal=False),
+    "the default on attention only": dict(lr=1e-4, target_modules="to_q,to_k,to_v,to_out.0"),
 }
 
 
@@ -41,6 +43,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=500, help="training steps (the recipe's default: 500)")
     ap.add_argument("--per-prompt", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--only", default="", help="comma-separated row numbers of RECIPES to run (default: all)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from studio.judge import Judge
@@ -53,7 +56,10 @@ def main(argv=None) -> int:
     ws = Q._workspace(ctx)
     subjects = [s.strip() for s in args.subjects.split(",") if s.strip()]
     rows = []
+    only = {int(x) for x in args.only.split(",") if x.strip()}
     for ri, (label, over) in enumerate(RECIPES.items()):
+        if only and ri not in only:
+            continue
         fid, secs = [], []
         for si, s in enumerate(subjects):
             ds = Q._dataset(ws, f"refs-{s}", tw.render_references(s, n=4, seed=0))

@@ -213,21 +213,26 @@ def file_bundle(path: Path) -> dict[str, dict[str, torch.Tensor]]:
     return out
 
 
+def add_embeddings(pipe, paths: list[Path], added: list[str]) -> list[str]:
+    """Load the token embeddings of the LoRA files ``paths`` into the pipeline's tokenizers and text encoders (a fused
+    model keeps them); each token goes into ``added`` before it is inserted. Two files with one token are refused."""
+    for path in paths:
+        for token, vectors in file_bundle(path).items():
+            if token in added:
+                raise InputError(f"Two of these LoRAs bring an embedding for the token {token!r}: use LoRAs with "
+                                 "different triggers.")
+            _check(pipe, token, vectors, Path(path).name)
+            added.append(token)  # before the insert: a half-done insert is undone too
+            _insert(pipe, token, vectors)
+    return added
+
+
 @contextmanager
 def loaded_embeddings(pipe, paths: list[Path]):
-    """Load the bundled embeddings of the LoRA files ``paths`` into the pipeline's tokenizers and text encoders for the
-    duration; yields the tokens. Two files with an embedding for one token are refused."""
+    """The token embeddings of the LoRA files ``paths`` in the pipeline for the duration; yields the tokens."""
     tokens: list[str] = []
     try:
-        for path in paths:
-            for token, vectors in file_bundle(path).items():
-                if token in tokens:
-                    raise InputError(f"Two of these LoRAs bring an embedding for the token {token!r}: use LoRAs with "
-                                     "different triggers.")
-                _check(pipe, token, vectors, Path(path).name)
-                tokens.append(token)  # before the insert: a half-done insert is undone too
-                _insert(pipe, token, vectors)
-        yield tokens
+        yield add_embeddings(pipe, paths, tokens)
     finally:
         if tokens:
             _remove(pipe, tokens)

@@ -536,7 +536,8 @@ def merge_loras(sources: list, out, *, weights: list[float] | None = None, lam: 
 
 @torch.no_grad()
 def fuse_into_pipeline(pipe, sources: list, *, weights: list[float] | None = None, lam: float = DEFAULT_LAMBDA) -> MergeResult:
-    """Add Σ λ_i ΔW_i into the pipeline's base linear weights (UNet and text encoders); returns what was fused."""
+    """Add Σ λ_i ΔW_i into the pipeline's base linear weights (UNet and text encoders) and the LoRAs' trigger token
+    embeddings into its tokenizers and text encoders; returns what was fused."""
     files = [load_lora_file(p) for p in sources]
     ws_ = _weights(len(files), weights, lam)
     orthogonal, warnings = check_mergeable(files) if len(files) > 1 else (files[0].orthogonal, [])
@@ -560,6 +561,7 @@ def fuse_into_pipeline(pipe, sources: list, *, weights: list[float] | None = Non
             raise MergeRefusedError(f"{key}: LoRA shape {tuple(delta.shape)} does not fit the layer {tuple(lin.weight.shape)}.")
         lin.weight.add_(delta.to(lin.weight.device, lin.weight.dtype))
         n += 1
+    embeddings.add_embeddings(pipe, [f.path for f in files], [])  # each concept's trigger token, for good
     members = [{"name": f.name, "weight": w} for f, w in zip(files, ws_)]
     return MergeResult(None, members, ws_, orthogonal, 0, warnings, n)
 

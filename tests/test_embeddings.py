@@ -188,6 +188,11 @@ def test_merge_keeps_each_concepts_embedding(tmp_path):
     cfg = GenerateConfig(prompt=" and ".join(f"a {t}" for t in merged), seed=1, steps=2, model="tiny-sd")
     generate(pipe, cfg, [LoraRef(out, 1.0, "both")], save=False)  # both tokens load with the merged file
     assert len(pipe.tokenizer) == vocab0
+    fused = load_pipeline("tiny-sd")  # a fused model keeps the tokens (studio lora merge --fuse saves it)
+    orth.fuse_into_pipeline(fused, paths)
+    for t in merged:
+        row = fused.text_encoder.get_input_embeddings().weight[fused.tokenizer.convert_tokens_to_ids(t)]
+        assert torch.allclose(row.float(), merged[t]["clip_l"][0])
 
 
 def test_pivotal_settings_and_refusals(ws, tmp_path):

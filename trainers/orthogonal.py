@@ -24,9 +24,9 @@ Defaults and deviations from the paper:
   ``0022_elsa_ortho.yml``) uses 1e-4 for the UNet LoRA, and on the toy model at the studio's default 500 steps the
   paper's 1e-5 learns almost nothing. Measured with ``bench/orthogonal_defaults.py`` (toy-xl, 4 held-out subjects x
   16 images, subject fidelity of each LoRA alone, Wilson 95%): this recipe 54.7% [43, 66]; the same at lr 1e-5 3.1%
-  [1, 11]; the studio's earlier recipe (attention only, lr 1e-4, no embedding, min-SNR 5) 15.6% [9, 26]. The toy
-  base model draws its own shapes only ~60% of the time, so these are coarse; use lr 1e-5 with many more steps to
-  follow the paper.
+  [1, 11]; without the embedding 37.5% [27, 50]; on attention only 26.6% [17, 38]; the studio's earlier recipe
+  (attention only, lr 1e-4, no embedding, min-SNR 5) 15.6% [9, 26]. The toy base model draws its own shapes only
+  ~60% of the time, so these are coarse; use lr 1e-5 with many more steps to follow the paper.
 * slots: disjoint column slots allocated from the workspace (exact orthogonality) instead of the paper's random
   subsets (available as ``slot_mode="random"``); prior preservation stays available (off by default, the paper used
   none).
