@@ -66,6 +66,7 @@ from studio import toyworld as tw  # noqa: E402
 TOKENIZER_DIR = ROOT / "assets" / "tokenizer"
 MAX_LEN = 77
 TIME_IDS = (64, 64, 0, 0, 64, 64)  # original size, crop top-left, target size
+AGAIN = 75  # exit status of a sitting that ended before the schedule: run the same command again (EX_TEMPFAIL)
 EVAL_SEED = 999  # fresh pretraining-world scenes for the VAE round-trip measurement (toyworld-notes.md)
 
 
@@ -485,7 +486,7 @@ def train_unet(unet, te1, te2, cache, st: State, args, device, scaling: float, d
         if time.time() - t_ck > args.ckpt_minutes * 60:
             checkpoint()
             t_ck = time.time()
-    if args.probe_minutes:
+    if args.probe_minutes and (st.meta.get("probes") or [{}])[-1].get("step") != step:
         run_probe()
     checkpoint()
     st.meta.setdefault("unet_minutes", 0.0)
@@ -548,11 +549,11 @@ def main(argv=None) -> int:
     ap.add_argument("--vae-edge", type=float, default=1.0, help="weight of the image-gradient L1 term")
     ap.add_argument("--vae-from", default=None, help="reuse the VAE of a saved pipeline folder (skip stage 1)")
     ap.add_argument("--eval-n", type=int, default=1000, help="scenes for the judge on VAE round trips (0: skip)")
-    ap.add_argument("--unet-steps", type=int, default=14000)
+    ap.add_argument("--unet-steps", type=int, default=13000)
     ap.add_argument("--n-scenes", type=int, default=40000, help="scenes cached for the UNet stage")
     ap.add_argument("--two-object-prob", type=float, default=0.3)
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--ema", type=float, default=0.999)
     ap.add_argument("--probe-minutes", type=float, default=10.0,
                     help="UNet: proxy eval (judge on a few generations) every so many minutes and at the end (0: none)")
@@ -593,7 +594,7 @@ def main(argv=None) -> int:
                 info = {"steps": st.meta["vae_step"], "partial": True, **finish_vae(vae, args, device)}
                 vae.to("cpu").save_pretrained(out / "vae")
                 (out / "vae_info.json").write_text(json.dumps(info, indent=2) + "\n")
-            return 0
+            return AGAIN
         st.meta["vae"] = {"steps": st.meta["vae_step"], "minutes": round(st.meta["vae_minutes"], 2),
                           **finish_vae(vae, args, device)}
         vae.to("cpu").save_pretrained(st.dir / "vae")
@@ -641,7 +642,7 @@ def main(argv=None) -> int:
         m.to("cpu")
     save_pipeline(out, vae, te1, te2, unet, sched, tok1, tok2, info)
     log("done" if done else f"sitting over at UNet step {st.meta['unet_step']}; run the same command again to continue")
-    return 0
+    return 0 if done else AGAIN
 
 
 if __name__ == "__main__":
