@@ -933,8 +933,9 @@ def main(argv=None) -> int:
     ap.add_argument("--vae", default=None, help="vae section: measure this folder's vae/ instead of the model's")
     ap.add_argument("--vae-n", type=int, default=1000, help="vae section: scenes")
     ap.add_argument("--device", default="cpu", help="generation device of the base section (cuda where there is one)")
-    ap.add_argument("--jobs", type=int, default=1,
-                    help="run the sections in so many parallel processes (each --threads threads), merged into one report")
+    ap.add_argument("--jobs", type=int, default=2,
+                    help="run the sections in so many parallel processes (each --threads threads), merged into one "
+                         "report (2: make bench-quality within 30 minutes on 2 cores; 1: one process)")
     ap.add_argument("--part", default=None, help=argparse.SUPPRESS)  # a --jobs child: pickle its sections here
     args = ap.parse_args(argv)
     if args.jobs > 1 and len([s for s in args.sections.split(",") if s.strip()]) > 1:
