@@ -831,8 +831,8 @@ def to_markdown(report: dict) -> str:
 
 
 # Seconds of each section on this machine at the defaults (1 thread; bench/README.md): how --jobs balances its processes
-SECTION_SECONDS = {"base": 60, "dreambooth": 210, "orthogonal": 1000, "decor": 125, "composition": 500, "blora": 140,
-                   "vae": 360, "blocks": 550}
+SECTION_SECONDS = {"base": 41, "dreambooth": 237, "orthogonal": 1263, "decor": 146, "composition": 487, "blora": 156,
+                   "vae": 357, "blocks": 553}
 
 
 def split_sections(names: list[str], jobs: int) -> list[list[str]]:

@@ -459,7 +459,7 @@ def train_unet(unet, te1, te2, cache, st: State, args, device, scaling: float, d
 
     t_probe = time.time()
     fit_end = t0 + args.fit_minutes * 60 if args.fit_minutes else None
-    while step < args.unet_steps and time.time() < deadline:
+    while step < min(args.unet_steps, args.stop_step or args.unet_steps) and time.time() < deadline:
         if fit_end is not None and step == step0 + 20:
             t_fit = time.time()
         if fit_end is not None and step == step0 + 60:  # --fit-minutes: fix the schedule's length from the speed
@@ -572,6 +572,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--ema", type=float, default=0.999)
+    ap.add_argument("--stop-step", type=int, default=0,
+                    help="UNet: end this sitting at this step (replays a chain whose sitting ended by time there)")
     ap.add_argument("--probe-minutes", type=float, default=10.0,
                     help="UNet: proxy eval (judge on a few generations) every so many minutes and at the end (0: none)")
     ap.add_argument("--probe-n", type=int, default=32, help="proxy eval: one-object prompts (and a quarter as many two-object)")
