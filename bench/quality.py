@@ -61,7 +61,9 @@ from studio.judge import Judge, labels  # noqa: E402
 
 DEFAULT_MODEL = ROOT / "assets" / "toy-xl"
 BASE_ATTRS = ("shape", "color", "background", "bg_color", "style", "position")
-GOALS = {"shape": 0.90, "color": 0.90, "background": 0.80}
+GOALS = {"shape": 0.90, "color": 0.90, "background": 0.80, "bg_color": 0.80, "style": 0.80,
+         "two-object: each side shape+color": 0.70}  # issue 17's base goals
+MIN_CELL = 32  # images per cell of the method sections (issue 17): the defaults below give at least this many
 
 
 def log(msg: str) -> None:
@@ -101,8 +103,8 @@ class Context:
     seed: int = 1234
     batch: int = 16
     model_ref: str = "toy-xl"
-    per_prompt: int = 4
-    n_compose: int = 8
+    per_prompt: int = 8
+    n_compose: int = 32
     orth_counts: tuple = (2, 3, 5)
     concept_position: bool = True  # composition: each concept prompt names its side ("… on the left")
     extra: dict = field(default_factory=dict)
@@ -118,6 +120,9 @@ class Rate(float):
         r = super().__new__(cls, k / n if n else float("nan"))
         r.k, r.n = int(k), int(n)
         return r
+
+    def __getnewargs__(self):  # pickle (the parts of a --jobs run)
+        return self.k, self.n
 
 
 def _rate(flags: list[bool]) -> float:
@@ -385,7 +390,7 @@ def section_orthogonal(ctx: Context) -> dict:
             warn[f"{kind} N={n}"] = {"orthogonal": r.orthogonal, "warnings": len(r.warnings)}
     rows, metrics, grid_imgs = [], {}, []
     for si, s in enumerate(subjects):
-        ks = _scenes_for(s, ctx.seed, ("plain", "plain"))
+        ks = _scenes_for(s, ctx.seed, ("plain",) * 4)  # 4 prompts x per_prompt images a cell (>= MIN_CELL)
         prompts = [tw.caption(sc) for _, sc in ks]
         row = {"metric": f"{s}: subject fidelity"}
         for kind, label in kinds:
@@ -411,7 +416,7 @@ def section_orthogonal(ctx: Context) -> dict:
                      "vs naive merge",
             "setup": {"subjects": ",".join(subjects), "steps": DB_STEPS, "rank": DB_RANK, "lr": DB_LR,
                       "orthogonal_slot_mode": "disjoint", "lambda": ORTH_LAMBDA, "merge": warn,
-                      "images_per_subject_and_condition": 2 * per, "gen_steps": ctx.steps, "seed": ctx.seed},
+                      "images_per_subject_and_condition": 4 * per, "gen_steps": ctx.steps, "seed": ctx.seed},
             "metrics": metrics, "rows": rows, "grid": "orthogonal_grid.png",
             "notes": "alone = the subject's own LoRA at weight 1; N=n = the merge_loras(..., lam=0.6) file of the first n "
                      "subjects at weight 1; 'mean over the n merged subjects' rows compare those n subjects alone vs merged"}
@@ -626,7 +631,7 @@ def section_blocks(ctx: Context) -> dict:
                                     tw._pick(rng, tw.COLOR_NAMES, exclude=(o.color, a.bg_color)), o.size, o.position),),
                     style=tw._pick(rng, tw.STYLES, exclude=(a.style,)))
         pairs.append((a, b))
-    per = ctx.per_prompt
+    per = max(1, MIN_CELL // len(pairs))  # 32 images per cell (4 per pair), whatever --per-prompt
     conds = [("prompt A everywhere", "A", ()), ("prompt B everywhere", "B", ()),
              ("B in every cross-attention", "A", ("down_blocks", "mid_block", "up_blocks"))]
     conds += [(f"B in {blk}", "A", (blk,)) for blk in ABLATION_BLOCKS]
@@ -670,6 +675,83 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     c = (p + z * z / (2 * n)) / d
     h = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / d
     return max(0.0, c - h), min(1.0, c + h)
+
+
+def n_to_separate(a: float, b: float) -> int | None:
+    """Images per cell at which two proportions this far apart would have non-overlapping 95% intervals."""
+    if a == b:
+        return None
+    sd = (a * (1 - a)) ** 0.5 + (b * (1 - b)) ** 0.5
+    return max(1, int(((1.96 * sd) / abs(a - b)) ** 2 + 0.999))
+
+
+def compare_line(label_a: str, a, label_b: str, b) -> str:
+    """One sentence: is the difference a - b outside the noise, and what would change that."""
+    if not (isinstance(a, Rate) and isinstance(b, Rate) and a.n and b.n):
+        return f"{label_a} vs {label_b}: no counts"
+    (la, ha), (lb, hb) = wilson(a.k, a.n), wilson(b.k, b.n)
+    d = (a - b) * 100
+    if la > hb or lb > ha:
+        # how many of the winner's hits would have to be misses for the intervals to touch
+        flip = 0
+        win, lose = (a, b) if a > b else (b, a)
+        while win.k - flip > 0 and wilson(win.k - flip, win.n)[0] > wilson(lose.k, lose.n)[1]:
+            flip += 1
+        return (f"{label_a} vs {label_b}: {d:+.1f} points, intervals apart; {flip} of the {win.n} images of the "
+                f"higher one judged the other way would make it noise")
+    n = n_to_separate(float(a), float(b))
+    return (f"{label_a} vs {label_b}: {d:+.1f} points, within noise (intervals overlap); "
+            + (f"about {n} images per cell would separate a gap this size" if n else "no gap at all"))
+
+
+def goal_line(label: str, r, goal: float) -> str:
+    """Goal met or missed, and whether the 95% interval straddles the goal (then more images would decide it)."""
+    if not (isinstance(r, Rate) and r.n):
+        return f"{label}: no counts"
+    lo, hi = wilson(r.k, r.n)
+    verdict = "met" if r >= goal else f"missed by {(goal - r) * 100:.1f} points"
+    if lo < goal <= hi or (r >= goal and lo < goal):
+        verdict += f" (interval {lo * 100:.0f}–{hi * 100:.0f}% straddles {goal * 100:.0f}%: more images would decide it)"
+    return f"{label} {r * 100:.1f}% vs goal {goal * 100:.0f}%: {verdict}"
+
+
+def what_would_change(name: str, sec: dict) -> list[str]:
+    """The computed 'what would change the conclusion' lines of a section (from its metrics)."""
+    m = sec.get("metrics", {})
+    g = lambda k: m.get(k)  # noqa: E731
+    if name == "base":
+        return [goal_line(k, g(k), goal) for k, goal in GOALS.items() if g(k) is not None]
+    if name == "dreambooth":
+        return [compare_line("LoRA subject", g("mean subject (lora)"), "base", g("mean subject (base)")),
+                goal_line("LoRA subject", g("mean subject (lora)"), 0.8),
+                goal_line("LoRA recontext", g("mean recontext (lora)"), 0.7)]
+    if name == "orthogonal":
+        ns = sorted(int(k.split()[0][2:]) for k in m if k.startswith("N=") and k.endswith("DreamBooth merged"))
+        return [compare_line(f"N={n} orthogonal merged", g(f"N={n} mean orthogonal merged"),
+                             f"DreamBooth merged", g(f"N={n} mean DreamBooth merged")) for n in ns]
+    if name == "decor":
+        off, on = "LoRA, DECOR α=0 (off)", "LoRA, DECOR α=1"
+        return [compare_line("leakage (ref bg type) α=1", g(f"{on}: leakage (ref bg type)"), "α=0",
+                             g(f"{off}: leakage (ref bg type)")),
+                compare_line("prompt bg fidelity α=1", g(f"{on}: prompt bg fidelity"), "α=0",
+                             g(f"{off}: prompt bg fidelity")),
+                compare_line("subject fidelity α=1", g(f"{on}: subject fidelity"), "α=0", g(f"{off}: subject fidelity"))]
+    if name == "composition":
+        return [compare_line(f"{e} each in its region", g(f"{e}: each in its region"), "merge",
+                             g("merge: each in its region")) for e in ("composer", "clora")]
+    if name == "blora":
+        both = "B-LoRA content + style ('A [c] in [s] style')"
+        return [compare_line("B-LoRA style transferred", g(f"{both}: style transferred (style = neon)"), "text only",
+                             g("base model, text only: style transferred (style = neon)")),
+                goal_line("B-LoRA content kept", g(f"{both}: content kept (shape = subject)"), 0.7),
+                goal_line("B-LoRA style transferred", g(f"{both}: style transferred (style = neon)"), 0.5)]
+    if name == "blocks":
+        a = g("prompt A everywhere: judged style=B")
+        return [compare_line(f"style=B with B in {blk}", g(f"B in {blk}: judged style=B"), "A everywhere", a)
+                for blk in ABLATION_BLOCKS[:3]]
+    if name == "vae":
+        return [goal_line(f"{h} round trips", g(f"{h} (round trips)"), VAE_GOAL) for h in VAE_HEADS]
+    return []
 
 
 VAE_HEADS = ("shape", "color", "background", "bg_color", "style", "position")
@@ -757,8 +839,89 @@ def to_markdown(report: dict) -> str:
             lines.append("| " + " | ".join(_fmt(r.get(c), c) if c != "metric" else r[c] for c in cols) + " |")
         if sec.get("notes"):
             lines += ["", sec["notes"]]
+        changes = what_would_change(name, sec)
+        if changes:
+            lines += ["", "What would change the conclusion:", ""] + [f"* {c}" for c in changes]
         lines += ["", f"![{name}]({sec['grid']})", ""]
     return "\n".join(lines) + "\n"
+
+
+# Seconds of each section on this machine at the defaults (1 thread; bench/README.md): how --jobs balances its processes
+SECTION_SECONDS = {"base": 41, "dreambooth": 237, "orthogonal": 1263, "decor": 146, "composition": 487, "blora": 156,
+                   "vae": 357, "blocks": 553}
+
+
+def split_sections(names: list[str], jobs: int) -> list[list[str]]:
+    """Longest-first assignment of sections to ``jobs`` groups of about equal estimated time."""
+    groups: list[list[str]] = [[] for _ in range(min(jobs, len(names)))]
+    load = [0.0] * len(groups)
+    for name in sorted(names, key=lambda n: -SECTION_SECONDS.get(n, 300)):
+        i = load.index(min(load))
+        groups[i].append(name)
+        load[i] += SECTION_SECONDS.get(name, 300)
+    return [g for g in groups if g]
+
+
+def _without(argv: list[str], options: tuple[str, ...]) -> list[str]:
+    """argv without the given options and their values (``--opt value`` and ``--opt=value``)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in options:
+            skip = True
+        elif not any(a.startswith(o + "=") for o in options):
+            out.append(a)
+    return out
+
+
+def run_parallel(args, argv: list[str]) -> int:
+    """``--jobs N``: the sections in N child processes (``--out OUT/part-i``), merged into OUT's report."""
+    import pickle
+    import shutil
+    import subprocess
+
+    names = [s.strip() for s in args.sections.split(",") if s.strip()]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    groups = split_sections(names, args.jobs)
+    base = _without(argv, ("--jobs", "--sections", "--out", "--part"))
+    procs = []
+    t0 = time.time()
+    for i, group in enumerate(groups):
+        part = out / f"part-{i}"
+        part.mkdir(exist_ok=True)
+        cmd = [sys.executable, str(Path(__file__).resolve()), *base, "--sections", ",".join(group), "--out", str(part),
+               "--part", str(part / "report.pkl")]
+        log(f"job {i}: {','.join(group)} (about {sum(SECTION_SECONDS.get(n, 300) for n in group) / 60:.0f} min)")
+        procs.append(subprocess.Popen(cmd, stdout=open(part / "log.txt", "w"), stderr=subprocess.STDOUT))
+    codes = [p.wait() for p in procs]
+    report, parts = None, {}
+    for i in range(len(groups)):
+        f = out / f"part-{i}" / "report.pkl"
+        if f.exists():
+            r = pickle.loads(f.read_bytes())
+            report = report or {k: v for k, v in r.items() if k != "sections"}
+            parts[i] = r
+            for sec in r["sections"].values():
+                if sec.get("grid") and (out / f"part-{i}" / sec["grid"]).exists():
+                    shutil.copy(out / f"part-{i}" / sec["grid"], out / sec["grid"])
+    if report is None:
+        log(f"no job wrote a report (exit codes {codes}); see {out}/part-*/log.txt")
+        return 1
+    merged = {}
+    for name in names:
+        for r in parts.values():
+            if name in r["sections"]:
+                merged[name] = r["sections"][name]
+    report.update(sections=merged, seconds=round(time.time() - t0, 1),
+                  jobs={i: {"sections": g, "seconds": parts[i]["seconds"] if i in parts else None, "exit": c}
+                        for i, (g, c) in enumerate(zip(groups, codes))})
+    report["machine"] += f", {len(groups)} processes in parallel"
+    (out / "quality.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    (out / "quality.md").write_text(to_markdown(report))
+    log(f"wrote {out / 'quality.json'} and {out / 'quality.md'} in {report['seconds']} s ({len(groups)} processes)")
+    return 0 if all(c == 0 for c in codes) else 1
 
 
 def main(argv=None) -> int:
@@ -769,8 +932,9 @@ def main(argv=None) -> int:
     ap.add_argument("--judge", default=None, help="judge folder (default assets/judge)")
     ap.add_argument("--sections", default=",".join(DEFAULT_SECTIONS),
                     help=f"comma-separated, from: {', '.join(SECTIONS)} (default: {', '.join(DEFAULT_SECTIONS)})")
-    ap.add_argument("--per-prompt", type=int, default=4, help="method sections: images per prompt")
-    ap.add_argument("--n-compose", type=int, default=8, help="composition: images per engine")
+    ap.add_argument("--per-prompt", type=int, default=8,
+                    help="method sections: images per prompt (8: every cell has >= 32 images)")
+    ap.add_argument("--n-compose", type=int, default=32, help="composition: images per engine")
     ap.add_argument("--no-concept-position", dest="concept_position", action="store_false",
                     help="composition: concept prompts without their side ('a kavo emblem, …' instead of '… on the left, …')")
     ap.add_argument("--train-steps", type=int, default=DB_STEPS, help="method sections: LoRA training steps")
@@ -785,7 +949,13 @@ def main(argv=None) -> int:
     ap.add_argument("--vae", default=None, help="vae section: measure this folder's vae/ instead of the model's")
     ap.add_argument("--vae-n", type=int, default=1000, help="vae section: scenes")
     ap.add_argument("--device", default="cpu", help="generation device of the base section (cuda where there is one)")
+    ap.add_argument("--jobs", type=int, default=2,
+                    help="run the sections in so many parallel processes (each --threads threads), merged into one "
+                         "report (2: make bench-quality within 30 minutes on 2 cores; 1: one process)")
+    ap.add_argument("--part", default=None, help=argparse.SUPPRESS)  # a --jobs child: pickle its sections here
     args = ap.parse_args(argv)
+    if args.jobs > 1 and len([s for s in args.sections.split(",") if s.strip()]) > 1:
+        return run_parallel(args, list(sys.argv[1:] if argv is None else argv))
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -829,6 +999,10 @@ def main(argv=None) -> int:
         report["seconds"] = round(time.time() - t0, 1)
         (out / "quality.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
         (out / "quality.md").write_text(to_markdown(report))
+        if args.part:
+            import pickle
+
+            Path(args.part).write_bytes(pickle.dumps(report))
     log(f"wrote {out / 'quality.json'} and {out / 'quality.md'} in {report['seconds']} s")
     return 0
 
