@@ -792,6 +792,9 @@ def convert(src: Path, dst: Path, to: str, layers_per_block: int | None = None) 
         raise LoraFormatError(f"{name} is already in {to} format.")
     arch = detect_arch(list(tensors), meta) or "sd15"
     models, state, folder = _fitting_models(tensors, meta, arch, name)
+    from . import embeddings
+
+    vectors = embeddings.file_bundle(Path(src))  # pivotal tuning's token embeddings travel with the LoRA
     components: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in state.items():
         comp, _, rest = key.partition(".")
@@ -801,6 +804,8 @@ def convert(src: Path, dst: Path, to: str, layers_per_block: int | None = None) 
     # alpha is folded into lora_B: the written file has scale 1 for every module (alpha = each module's rank)
     if to == "kohya":
         out = to_kohya(components, arch, float(rank), rank, models["unet"].config)
+        for token, vecs in vectors.items():
+            out.update(embeddings.bundle(token, vecs, arch))
         keep = {k: v for k, v in meta.items() if k != ADAPTER_META_KEY}
         keep.update({"studio.base_arch": arch, "studio.alpha": str(rank), "studio.rank": str(rank)})
         keep.setdefault("modelspec.title", Path(dst).stem)
@@ -809,4 +814,6 @@ def convert(src: Path, dst: Path, to: str, layers_per_block: int | None = None) 
                               rank=rank, alpha=float(rank), components=components)
     kept = {k: v for k, v in meta.items() if k.startswith(("studio.", "modelspec.")) and k not in new_meta}
     kept.setdefault("studio.base_model", folder.name if folder.parent.name == "assets" else "")
+    if vectors:
+        kept[embeddings.META_KEY] = embeddings.to_header(vectors)
     return save_lora(Path(dst), components, {**kept, **new_meta, "studio.alpha": str(rank)})

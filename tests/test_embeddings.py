@@ -132,6 +132,14 @@ def test_embedding_trains_and_is_saved_where_a1111_and_comfyui_read_it(pivotal):
     if sdxl:
         assert torch.equal(comfy_embed(standalone, "clip_g"), trained["clip_g"])
 
+    # `studio lora convert` keeps the vectors: library -> kohya gets A1111's bundle, kohya export -> diffusers the header
+    to_kohya = lora_io.convert(lib, lib.with_name("conv.kohya.safetensors"), "kohya")
+    to_diff = lora_io.convert(kohya, lib.with_name("conv.diffusers.safetensors"), "diffusers")
+    for converted in (to_kohya, to_diff):
+        got = E.file_bundle(converted)
+        assert got.keys() == {token} and all(torch.equal(got[token][k], trained[k]) for k in trained)
+    assert a1111_bundle(load_file(to_kohya)).keys() == {token}
+
     meta = lora_io.inspect(lib)["metadata"]
     assert meta["studio.embeddings"] == token
     assert [len(tok) for _, tok, _ in E.encoders(pipe)] == vocab0  # training left the tokenizers as it found them
