@@ -255,15 +255,18 @@ def _train(ctx: "Context", name: str, dataset: str, method: str = "dreambooth", 
 
 
 def _gen(ctx: "Context", prompts: list[str], loras=(), per_prompt: int = 4, seed_offset: int = 0, **cfg_over) -> list:
-    """``per_prompt`` images per prompt through pipelines.generate.generate (one seeded call per prompt)."""
+    """``per_prompt`` images per prompt through pipelines.generate.generate (one seeded call per prompt and batch of at
+    most 16, the generate limit; a further batch of the same prompt gets the seed + 100,000 per batch)."""
     from pipelines.generate import generate as studio_generate
     from studio.config import GenerateConfig
 
     images = []
     for i, prompt in enumerate(prompts):
-        cfg = GenerateConfig(prompt=prompt, model=ctx.model_ref, seed=ctx.seed + seed_offset + i, steps=ctx.steps,
-                             guidance=ctx.guidance, width=METHOD_RES, height=METHOD_RES, batch=per_prompt, **cfg_over)
-        images.extend(studio_generate(ctx.pipe, cfg, list(loras), None, save=False).images)
+        for j, start in enumerate(range(0, per_prompt, 16)):
+            cfg = GenerateConfig(prompt=prompt, model=ctx.model_ref, seed=ctx.seed + seed_offset + i + 100_000 * j,
+                                 steps=ctx.steps, guidance=ctx.guidance, width=METHOD_RES, height=METHOD_RES,
+                                 batch=min(16, per_prompt - start), **cfg_over)
+            images.extend(studio_generate(ctx.pipe, cfg, list(loras), None, save=False).images)
     return images
 
 
