@@ -35,7 +35,11 @@ forward; up_blocks.0 is a third of the forward). 42 ms per sample at batch 32-64
 ``torch.compile`` of the loss: 214 s to compile, then 0.89 s/step vs 0.83-0.85 s eager: no gain, not used. The
 cache stage: 1 ms to render a scene, 17 ms to VAE-encode it (40,000 scenes: about 12 minutes). LR, measured on
 3,000 cached scenes: the fixed-batch loss (``val_loss`` of the probe) after ~270 steps was 0.097 at lr 2e-3 and
-0.127 at 1e-3, and at 2e-3 it kept falling at the peak of the warm-up (0.058 at 392, 0.041 at 517 steps).
+0.127 at 1e-3, and at 2e-3 it kept falling at the peak of the warm-up (0.058 at 392, 0.041 at 517 steps). But the
+loss does not measure the conditioning: a 1.6-hour chain of this recipe (2,906 steps of the 13,000-step schedule,
+then the schedule shortened to 5,100 steps to decay within the session) drew backgrounds, colours and styles but
+not shapes or positions (``assets/toy-xl/README.md``, not committed). **The CPU recipe below has NOT reached the
+goals**; its lr is the first thing to re-decide, by the probes (the README says how).
 
 A sitting logs a proxy eval every ``--probe-minutes`` (``probe``: the judge on ``--probe-n`` one-object and a
 quarter as many two-object prompts, EMA weights, 12 Euler steps, guidance 5; plus the loss on a fixed batch);
