@@ -33,7 +33,8 @@ grid per section.
 
 Usage::
 
-    python bench/quality.py                                  # all sections, CPU-sized (see bench/README.md)
+    python bench/quality.py                                  # all sections in 2 processes (--jobs 2), CPU-sized
+    python bench/quality.py --jobs 1                         # the same in one process
     python bench/quality.py --sections dreambooth,decor      # a subset
     python bench/quality.py --sections base --n 200 --steps 30   # larger base run
 """
