@@ -40,9 +40,10 @@ import torch
 from torch import nn
 
 from .errors import InputError, LoraFormatError
+from .lora_io import BUNDLE_PREFIX
 from .models import ARCH_SDXL, architecture
 
-BUNDLE = "bundle_emb."
+BUNDLE = BUNDLE_PREFIX
 PARAM = "pivotal_vector"  # the trainable parameter's name (trainers/loop.py collects it with the LoRA weights)
 SD15_KEY = "string_to_param.*"
 META_KEY = "studio.token_embeddings"  # the library file's header entry with its trigger's vectors (to_header)
@@ -202,15 +203,20 @@ def read_bundle(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.T
     return out
 
 
+def carried(tensors: dict[str, torch.Tensor], meta: dict[str, str], owner: str = "LoRA"):
+    """The token embeddings of a LoRA file's tensors and header: the studio's header entry and A1111's ``bundle_emb``."""
+    out = from_header(meta[META_KEY], owner) if meta.get(META_KEY) else {}
+    out.update(read_bundle(tensors))
+    return out
+
+
 def file_bundle(path: Path) -> dict[str, dict[str, torch.Tensor]]:
-    """The token embeddings a LoRA file carries: the studio's header entry and A1111's ``bundle_emb`` tensors."""
+    """The token embeddings a LoRA file carries (``carried``), reading only the bundle tensors."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        out = from_header(meta[META_KEY], Path(path).name) if meta.get(META_KEY) else {}
-        out.update(read_bundle({k: f.get_tensor(k) for k in f.keys() if k.startswith(BUNDLE)}))
-    return out
+        return carried({k: f.get_tensor(k) for k in f.keys() if k.startswith(BUNDLE)}, f.metadata() or {},
+                       Path(path).name)
 
 
 def add_embeddings(pipe, paths: list[Path], added: list[str]) -> list[str]:

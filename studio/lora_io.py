@@ -50,6 +50,7 @@ from .errors import LoraFormatError
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 ADAPTER_META_KEY = "lora_adapter_metadata"
+BUNDLE_PREFIX = "bundle_emb."  # A1111's bundled embeddings in a LoRA file (studio/embeddings.py)
 ARCH_TITLES = {"sd15": "stable-diffusion-v1/lora", "sdxl": "stable-diffusion-xl-v1-base/lora"}
 KOHYA_TE_PREFIX = {"sd15": {"text_encoder": "lora_te"}, "sdxl": {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}}
 
@@ -458,7 +459,7 @@ def normalize(tensors: dict[str, torch.Tensor], meta: dict[str, str], index: dic
     owner: dict[str, str] = {}
     problems: list[str] = []
     for key, value in tensors.items():
-        if key.startswith("bundle_emb."):  # A1111's bundled token embeddings: studio/embeddings.py loads them
+        if key.startswith(BUNDLE_PREFIX):  # A1111's bundled token embeddings: studio/embeddings.py loads them
             continue
         split = _split_key(key, arch)
         if split is None:
@@ -794,7 +795,7 @@ def convert(src: Path, dst: Path, to: str, layers_per_block: int | None = None) 
     models, state, folder = _fitting_models(tensors, meta, arch, name)
     from . import embeddings
 
-    vectors = embeddings.file_bundle(Path(src))  # pivotal tuning's token embeddings travel with the LoRA
+    vectors = embeddings.carried(tensors, meta, name)  # pivotal tuning's token embeddings travel with the LoRA
     components: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in state.items():
         comp, _, rest = key.partition(".")
