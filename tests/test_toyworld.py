@@ -240,6 +240,12 @@ def test_pretrain_toy_resumes_where_it_stopped(tmp_path):
     assert saved["stage"] == "done" and saved["unet_step"] == 3
     unet = json.loads((out / "unet" / "config.json").read_text())
     assert unet["in_channels"] == 4 == unet["out_channels"] and unet["up_block_types"][0] == "CrossAttnUpBlock2D"
+    sched = json.loads((out / "scheduler" / "scheduler_config.json").read_text())  # the default: Lin et al. 2024
+    assert sched["rescale_betas_zero_snr"] and sched["prediction_type"] == "v_prediction"
+    assert sched["timestep_spacing"] == "trailing" and info["unet"]["objective"] == "v, zero terminal SNR"
+    with pytest.raises(SystemExit, match="objective"):  # a state never switches objective halfway
+        mod.main(common + ["--unet-steps", "4", "--no-zero-snr"])
+    torch.set_num_threads(torch_threads)
     from studio.models import load_pipeline
 
     pipe = load_pipeline(str(out), device="cpu", dtype="fp32")
