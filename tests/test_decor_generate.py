@@ -28,7 +28,7 @@ def test_decor_changes_image_is_deterministic_and_alpha0_is_exact(fixture, reque
 def test_decor_recorded_in_png(tiny_sd, ws):
     res = generate(tiny_sd, GenerateConfig(prompt="a cat", seed=1, steps=2, decor_remove="grass", decor_strength=0.5), [], ws)
     assert read_png_params(res.paths[0])["decor"] == {"remove": "grass", "strength": 0.5, "components": "1",
-                                                      "rows": GenerateConfig.__dataclass_fields__["decor_rows"].default,
+                                                      "rows": GenerateConfig.__dataclass_fields__["decor_rows"].default, "keep": "",
                                                       "reference": "null"}
 
 
