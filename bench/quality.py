@@ -429,10 +429,13 @@ def section_orthogonal(ctx: Context) -> dict:
 DECOR_SUBJECT = "kavo"
 DECOR_BG = ("checker", "purple")
 DECOR_STEPS = 1500  # 7.5x the other method sections' LoRAs, on near-identical references: so that something leaks
-DECOR_UNRELATED = "a photo of a cat sleeping on a sofa"  # a phrase about nothing in the prompts or the references
-DECOR_GRID = [("all-but-bos", "auto", 1.0, "none"),  # the studio's earlier default
-              ("all-but-bos", "auto", 1.0, "null"), ("all-but-bos", "1", 1.0, "null"), ("all-but-bos", "1", 0.5, "null"),
-              ("words", "1", 0.5, "null")]
+# phrases about nothing in the prompts or the references: one out of the toy text encoders' vocabulary (their hidden
+# states are arbitrary there), one in it (an object the prompts never name)
+DECOR_UNRELATED = (("unrelated (out of vocabulary)", "a photo of a cat sleeping on a sofa"),
+                   ("unrelated (in vocabulary)", "a small red star on the left"))
+DECOR_DEFAULT = ("all-but-bos", "1", 1.0, "null", "")  # rows, k, α, reference, keep ("": the LoRA's trigger, kavo)
+DECOR_GRID = [("all-but-bos", "1", 1.0, "null", "none"),  # the previous default: nothing protected
+              DECOR_DEFAULT, ("all-but-bos", "1", 1.0, "null", "kavo emblem")]
 
 
 def section_decor(ctx: Context) -> dict:
@@ -460,11 +463,11 @@ def section_decor(ctx: Context) -> dict:
                                rng.randrange(2**31)))
     prompts = [tw.caption(s) for s in scenes]
     conds = [("base model (no LoRA)", [], None), ("LoRA, DECOR off", [_ref(path)], None)]
-    for rows, k, a, ref in DECOR_GRID:
-        for what, text in (("leaked", leaked), ("unrelated", DECOR_UNRELATED)):
-            conds.append((f"remove {what}: rows={rows} k={k} α={a:g} reference={ref}", [_ref(path)],
-                          {"decor_remove": text, "decor_strength": a, "decor_components": k, "decor_rows": rows,
-                           "decor_reference": ref}))
+    for rows, k, a, ref, keep in DECOR_GRID:
+        for what, text in (("leaked", leaked), *DECOR_UNRELATED):
+            conds.append((f"remove {what}: rows={rows} k={k} α={a:g} reference={ref} keep={keep or 'trigger'}",
+                          [_ref(path)], {"decor_remove": text, "decor_strength": a, "decor_components": k,
+                                         "decor_rows": rows, "decor_reference": ref, "decor_keep": keep}))
     rows_out, metrics, grid_imgs = [], {}, []
     for label, loras, kw in conds:
         imgs = _gen(ctx, prompts, loras, per, seed_offset=500, **(kw or {}))
@@ -486,17 +489,18 @@ def section_decor(ctx: Context) -> dict:
         for key, v in r.items():
             if key != "metric":
                 metrics[f"{label}: {key}"] = v
-        if kw is None or (kw["decor_rows"], kw["decor_components"], kw["decor_strength"]) == ("all-but-bos", "1", 1.0):
+        if kw is None or tuple(kw[f"decor_{x}"] for x in ("rows", "components", "strength", "reference", "keep")) \
+                == DECOR_DEFAULT:
             grid_imgs += imgs[::per]
     tw.contact_sheet(refs + grid_imgs, cols=4, scale=2).save(ctx.out / "decor_grid.png")
     return {"title": "DECOR: background leakage of a subject LoRA, per basis rows / components / strength",
             "setup": {"subject": DECOR_SUBJECT, "reference_background": f"{bgc} {bg}", "leaked_phrase": leaked,
-                      "unrelated_phrase": DECOR_UNRELATED, "train_prompt": f"a {DECOR_SUBJECT} emblem (no captions)",
+                      "unrelated_phrases": " / ".join(t for _, t in DECOR_UNRELATED), "train_prompt": f"a {DECOR_SUBJECT} emblem (no captions)",
                       "steps": steps, "rank": DB_RANK, "lr": DB_LR, "prompts": len(prompts), "images_per_prompt": per,
                       "gen_steps": ctx.steps, "seed": ctx.seed},
             "metrics": metrics, "rows": rows_out, "grid": "decor_grid.png",
             "notes": "grid: row 1 the references, then one image per prompt for: base, LoRA without DECOR, "
-                     "rows=all-but-bos k=1 α=1 removing the leaked phrase, then the unrelated one"}
+                     "the default (keep = the LoRA's trigger) removing the leaked phrase, then each unrelated one"}
 
 
 COMPOSE_PAIR = ("kavo", "tesh")
@@ -734,12 +738,14 @@ def what_would_change(name: str, sec: dict) -> list[str]:
         return [compare_line(f"N={n} orthogonal merged", g(f"N={n} mean orthogonal merged"),
                              f"DreamBooth merged", g(f"N={n} mean DreamBooth merged")) for n in ns]
     if name == "decor":
-        off, on = "LoRA, DECOR α=0 (off)", "LoRA, DECOR α=1"
-        return [compare_line("leakage (ref bg type) α=1", g(f"{on}: leakage (ref bg type)"), "α=0",
-                             g(f"{off}: leakage (ref bg type)")),
-                compare_line("prompt bg fidelity α=1", g(f"{on}: prompt bg fidelity"), "α=0",
-                             g(f"{off}: prompt bg fidelity")),
-                compare_line("subject fidelity α=1", g(f"{on}: subject fidelity"), "α=0", g(f"{off}: subject fidelity"))]
+        off, (rows, k, a, ref, keep) = "LoRA, DECOR off", DECOR_DEFAULT
+        on = lambda what: f"remove {what}: rows={rows} k={k} α={a:g} reference={ref} keep={keep or 'trigger'}"  # noqa: E731
+        return [compare_line("leakage (ref bg type), leaked removed", g(f"{on('leaked')}: leakage (ref bg type)"),
+                             "DECOR off", g(f"{off}: leakage (ref bg type)")),
+                compare_line("prompt bg fidelity, leaked removed", g(f"{on('leaked')}: prompt bg fidelity"), "DECOR off",
+                             g(f"{off}: prompt bg fidelity"))] + [
+                compare_line(f"subject fidelity, {what} removed", g(f"{on(what)}: subject fidelity"), "DECOR off",
+                             g(f"{off}: subject fidelity")) for what, _ in DECOR_UNRELATED]
     if name == "composition":
         return [compare_line(f"{e} each in its region", g(f"{e}: each in its region"), "merge",
                              g("merge: each in its region")) for e in ("composer", "clora")]

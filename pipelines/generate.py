@@ -209,12 +209,23 @@ def _stop_callback(stop: threading.Event | None, progress=None, total: int = 0):
     return cb
 
 
-def encode_with_decor(pipe, cfg: GenerateConfig, device) -> dict:
-    """Prompt embeddings for the pipeline call, with DECOR applied to the conditional ones when asked."""
+def decor_keep(cfg: GenerateConfig, loras: list[LoraRef]) -> str:
+    """The words DECOR protects: ``cfg.decor_keep``, or when empty the trigger phrases of the LoRAs in use ("none":
+    nothing)."""
+    keep = cfg.decor_keep.strip()
+    if keep:
+        return "" if keep.lower() == "none" else keep
+    triggers = [lora_io.read_header(ref.path)[1].get("modelspec.trigger_phrase", "").strip() for ref in loras]
+    return " ".join(t for t in triggers if t)
+
+
+def encode_with_decor(pipe, cfg: GenerateConfig, device, keep: str = "") -> dict:
+    """Prompt embeddings for the pipeline call, with DECOR applied to the conditional ones when asked (``keep``: the
+    prompt words it protects, from :func:`decor_keep`)."""
     from studio.decor import DecorSpec, apply_decor_with_pipeline
 
     spec = DecorSpec(remove=cfg.decor_remove, strength=cfg.decor_strength, components=cfg.decor_components,
-                     rows=cfg.decor_rows, reference=cfg.decor_reference)
+                     rows=cfg.decor_rows, reference=cfg.decor_reference, keep=keep)
     prompts = [cfg.prompt]
     if architecture(pipe) == "sdxl":
         emb, neg, pooled, neg_pooled = pipe.encode_prompt(
@@ -256,9 +267,10 @@ def generate(pipe, cfg: GenerateConfig, loras: list[LoraRef] = (), ws: Workspace
     loras = list(loras)
     with lora_stack(pipe, loras) as names, fused_lora_stack(pipe, names if cfg.fuse_loras else []):
         if cfg.decor_remove.strip():
-            call = encode_with_decor(pipe, cfg, device)
+            keep = decor_keep(cfg, loras)
+            call = encode_with_decor(pipe, cfg, device, keep)
             params["decor"] = {"remove": cfg.decor_remove, "strength": cfg.decor_strength, "components": cfg.decor_components,
-                               "rows": cfg.decor_rows, "reference": cfg.decor_reference}
+                               "rows": cfg.decor_rows, "reference": cfg.decor_reference, "keep": keep}
         else:
             call = {"prompt": cfg.prompt, "negative_prompt": cfg.negative_prompt or None}
         out = pipe(

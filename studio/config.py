@@ -166,6 +166,8 @@ class GenerateConfig:
     decor_reference: str = _f("null", "DECOR: 'null' builds the directions from what the removed text adds to the empty "
                                       "prompt (spares what every prompt shares); 'none' from its embedding as is.",
                               choices=["null", "none"], advanced=True)
+    decor_keep: str = _f("", "DECOR: words of the prompt whose rows are protected from the projection; empty: the trigger "
+                             "phrases of the LoRAs in use (none: nothing protected).", advanced=True)
     fuse_loras: bool = _f(True, "Fuse the weighted LoRAs into the model weights for the run (no per-step LoRA cost; "
                                 "the exact weights are restored afterwards).", advanced=True)
 

@@ -28,7 +28,7 @@ def test_decor_changes_image_is_deterministic_and_alpha0_is_exact(fixture, reque
 def test_decor_recorded_in_png(tiny_sd, ws):
     res = generate(tiny_sd, GenerateConfig(prompt="a cat", seed=1, steps=2, decor_remove="grass", decor_strength=0.5), [], ws)
     assert read_png_params(res.paths[0])["decor"] == {"remove": "grass", "strength": 0.5, "components": "1",
-                                                      "rows": GenerateConfig.__dataclass_fields__["decor_rows"].default,
+                                                      "rows": GenerateConfig.__dataclass_fields__["decor_rows"].default, "keep": "",
                                                       "reference": "null"}
 
 
@@ -92,10 +92,58 @@ def test_decor_defaults_agree_across_configs():
     from studio.composition import CompositionSpec
 
     spec = decor.DecorSpec(remove="x")
-    assert (spec.rows, spec.components, spec.strength, spec.reference) == ("all-but-bos", 1, 1.0, "null")
+    assert (spec.rows, spec.components, spec.strength, spec.reference, spec.keep) == ("all-but-bos", 1, 1.0, "null", "")
     g = GenerateConfig.__dataclass_fields__
     assert g["decor_rows"].default == spec.rows and g["decor_reference"].default == spec.reference
+    assert g["decor_keep"].default == spec.keep  # empty: generate protects the LoRAs' trigger phrases
     assert decor.DecorSpec(remove="x", components=g["decor_components"].default).components == spec.components
     assert g["decor_strength"].default == spec.strength
     c = CompositionSpec(prompt="p", concepts=[{"lora": "a"}], decor_remove="x").decor()
     assert (c.rows, c.components, c.strength, c.reference) == (spec.rows, spec.components, spec.strength, spec.reference)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_sd", "tiny_sdxl"])
+def test_keep_protects_the_kept_words_rows_only(fixture, request):
+    """``keep`` (DecorSpec; generate defaults it to the LoRAs' triggers): the kept words' rows of the prompt pass
+    unchanged, the other rows are still projected, and the rows of a word not kept change as without ``keep``."""
+    import torch
+
+    from studio.decor import DecorSpec, apply_decor_with_pipeline, encode_for_decor, protect
+
+    pipe = request.getfixturevalue(fixture)
+    prompt = "a red star on a blue striped background"
+    emb = encode_for_decor(pipe, prompt)
+    star = [i for i, t in enumerate(emb.tokens) if t == "star"]
+    red = [i for i, t in enumerate(emb.tokens) if t == "red"]
+    assert star and red
+    spec = dict(remove="blue striped background", components=2)
+    plain, _ = apply_decor_with_pipeline(pipe, DecorSpec(**spec), [prompt], emb.embeds)
+    kept, _ = apply_decor_with_pipeline(pipe, DecorSpec(**spec, keep="star"), [prompt], emb.embeds)
+    x = emb.embeds[0]
+    assert not torch.allclose(plain[0, star], x[star], atol=1e-4)  # without keep the star row is projected
+    assert torch.allclose(kept[0, star], x[star], atol=1e-4)  # with keep it is not
+    assert not torch.allclose(kept[0, red], x[red], atol=1e-4)  # other words still are
+    assert not torch.allclose(kept, plain, atol=1e-4)
+    # protect(): orthonormal, orthogonal to the kept rows; a basis inside their span leaves nothing to remove
+    V = torch.linalg.qr(torch.randn(x.shape[-1], 2))[0]
+    rows = torch.randn(3, x.shape[-1])
+    P = protect(V, rows)
+    assert P.shape == (x.shape[-1], 2)
+    assert torch.allclose(P.T @ P, torch.eye(2), atol=1e-5) and torch.allclose(rows @ P, torch.zeros(3, 2), atol=1e-4)
+    assert protect(rows[:2].T / rows[:2].norm(dim=1), rows).shape[1] == 0
+
+
+def test_generate_keeps_the_lora_trigger_by_default(tiny_sd, tmp_path):
+    """``decor_keep`` empty: the trigger phrases of the LoRAs in use (from their metadata); 'none': nothing."""
+    from pipelines.generate import LoraRef, decor_keep
+    from studio.lora_io import atomic_save_safetensors
+
+    import torch
+
+    lora = tmp_path / "t.safetensors"
+    atomic_save_safetensors(lora, {"x.lora_A.weight": torch.zeros(1, 1)}, {"modelspec.trigger_phrase": "kavo"})
+    refs = [LoraRef(lora, 1.0, "t")]
+    assert decor_keep(GenerateConfig(prompt="p", decor_remove="x"), refs) == "kavo"
+    assert decor_keep(GenerateConfig(prompt="p", decor_remove="x", decor_keep="none"), refs) == ""
+    assert decor_keep(GenerateConfig(prompt="p", decor_remove="x", decor_keep="star"), refs) == "star"
+    assert decor_keep(GenerateConfig(prompt="p", decor_remove="x"), []) == ""
