@@ -182,12 +182,15 @@ class CompositionSpec:
                                          "or allow overlaps (they are then averaged).")
 
     def decor(self):
-        """The DecorSpec of this composition, or None when DECOR is off."""
+        """The DecorSpec of this composition, or None when DECOR is off. It protects the concepts' trigger words
+        (``DecorSpec.keep``), as generation protects the triggers of its LoRAs."""
         if not (self.decor_remove or "").strip():
             return None
         from .decor import DecorSpec
 
-        return DecorSpec(remove=self.decor_remove, strength=self.decor_strength, components=self.decor_components)
+        keep = " ".join(c.token for c in self.concepts if getattr(c, "token", ""))
+        return DecorSpec(remove=self.decor_remove, strength=self.decor_strength, components=self.decor_components,
+                         keep=keep)
 
     @property
     def regional(self) -> bool:

@@ -458,3 +458,13 @@ def test_decor_in_regional_engines(xl, engine):
     assert np.abs(full - plain).mean() > 0.1  # alpha = 1 acts on every pass's embeddings
     with pytest.raises(InputError, match="strength"):
         spec(loras, engine, decor_remove="a cat", decor_strength=2.0)
+
+
+def test_composition_decor_protects_the_concept_triggers():
+    """DECOR in a composition keeps the concepts' trigger rows (DecorSpec.keep), as generate keeps its LoRAs'."""
+    from studio.composition import CompositionSpec, ConceptEntry
+
+    s = CompositionSpec(prompt="a zwx dog and a qxv cat", decor_remove="grass",
+                        concepts=[ConceptEntry(lora="a", token="zwx"), ConceptEntry(lora="b", token="qxv")])
+    assert s.decor().keep == "zwx qxv"
+    assert CompositionSpec(prompt="a dog", concepts=[ConceptEntry(lora="a", token="zwx")]).decor() is None
