@@ -603,11 +603,13 @@ def section_blora(ctx: Context) -> dict:
     for label, content, style, prompt in (
             ("B-LoRA content only ('A [c]')", c_out["content"], None, "A [c]"),
             ("B-LoRA content + style ('A [c] in [s] style')", c_out["content"], s_out["style"], "A [c] in [s] style")):
-        cfg = GenerateConfig(prompt=prompt, model=ctx.model_ref, seed=ctx.seed + 900, steps=ctx.steps, guidance=ctx.guidance,
-                             width=METHOD_RES, height=METHOD_RES, batch=n_img)
-        res = style_transfer(ctx.pipe, cfg, _ref(content, 1.0, "c") if content else None,
-                             _ref(style, 1.0, "s") if style else None, None, save=False)
-        run(label, res.images)
+        images = []
+        for j, start in enumerate(range(0, n_img, 16)):  # batches of at most 16 (the GenerateConfig limit), as _gen
+            cfg = GenerateConfig(prompt=prompt, model=ctx.model_ref, seed=ctx.seed + 900 + 100_000 * j, steps=ctx.steps,
+                                 guidance=ctx.guidance, width=METHOD_RES, height=METHOD_RES, batch=min(16, n_img - start))
+            images += style_transfer(ctx.pipe, cfg, _ref(content, 1.0, "c") if content else None,
+                                     _ref(style, 1.0, "s") if style else None, None, save=False).images
+        run(label, images)
     tw.contact_sheet(grid_imgs, cols=8, scale=2).save(ctx.out / "blora_grid.png")
     return {"title": f"B-LoRA: content of a {BLORA_CONTENT} image + style of a {BLORA_STYLE} image",
             "setup": {"content_image": c_pair[0][1], "style_image": s_pair[0][1], "steps": BLORA_STEPS,
@@ -902,7 +904,7 @@ def run_parallel(args, argv: list[str]) -> int:
         part = out / f"part-{i}"
         part.mkdir(exist_ok=True)
         cmd = [sys.executable, str(Path(__file__).resolve()), *base, "--sections", ",".join(group), "--out", str(part),
-               "--part", str(part / "report.pkl")]
+               "--part", str(part / "report.pkl"), "--jobs", "1"]  # a child never splits again (--jobs defaults to 2)
         log(f"job {i}: {','.join(group)} (about {sum(SECTION_SECONDS.get(n, 300) for n in group) / 60:.0f} min)")
         procs.append(subprocess.Popen(cmd, stdout=open(part / "log.txt", "w"), stderr=subprocess.STDOUT))
     codes = [p.wait() for p in procs]
