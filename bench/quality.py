@@ -255,6 +255,12 @@ def _train(ctx: "Context", name: str, dataset: str, method: str = "dreambooth", 
     return ws.lora_path(name)
 
 
+def _batches(n: int):
+    """(index, size) of the generate calls for ``n`` images of one prompt: batches of at most 16 (GenerateConfig's
+    limit); batch j is seeded with the prompt's seed + 100,000 j."""
+    return [(j, min(16, n - start)) for j, start in enumerate(range(0, n, 16))]
+
+
 def _gen(ctx: "Context", prompts: list[str], loras=(), per_prompt: int = 4, seed_offset: int = 0, **cfg_over) -> list:
     """``per_prompt`` images per prompt through pipelines.generate.generate (one seeded call per prompt and batch of at
     most 16, the generate limit; a further batch of the same prompt gets the seed + 100,000 per batch)."""
@@ -263,10 +269,10 @@ def _gen(ctx: "Context", prompts: list[str], loras=(), per_prompt: int = 4, seed
 
     images = []
     for i, prompt in enumerate(prompts):
-        for j, start in enumerate(range(0, per_prompt, 16)):
+        for j, size in _batches(per_prompt):
             cfg = GenerateConfig(prompt=prompt, model=ctx.model_ref, seed=ctx.seed + seed_offset + i + 100_000 * j,
                                  steps=ctx.steps, guidance=ctx.guidance, width=METHOD_RES, height=METHOD_RES,
-                                 batch=min(16, per_prompt - start), **cfg_over)
+                                 batch=size, **cfg_over)
             images.extend(studio_generate(ctx.pipe, cfg, list(loras), None, save=False).images)
     return images
 
@@ -604,9 +610,9 @@ def section_blora(ctx: Context) -> dict:
             ("B-LoRA content only ('A [c]')", c_out["content"], None, "A [c]"),
             ("B-LoRA content + style ('A [c] in [s] style')", c_out["content"], s_out["style"], "A [c] in [s] style")):
         images = []
-        for j, start in enumerate(range(0, n_img, 16)):  # batches of at most 16 (the GenerateConfig limit), as _gen
+        for j, size in _batches(n_img):
             cfg = GenerateConfig(prompt=prompt, model=ctx.model_ref, seed=ctx.seed + 900 + 100_000 * j, steps=ctx.steps,
-                                 guidance=ctx.guidance, width=METHOD_RES, height=METHOD_RES, batch=min(16, n_img - start))
+                                 guidance=ctx.guidance, width=METHOD_RES, height=METHOD_RES, batch=size)
             images += style_transfer(ctx.pipe, cfg, _ref(content, 1.0, "c") if content else None,
                                      _ref(style, 1.0, "s") if style else None, None, save=False).images
         run(label, images)
