@@ -92,7 +92,10 @@ def _make_scheduler(name: str, config):
     import diffusers
 
     if name == "ddim":
-        return diffusers.DDIMScheduler.from_config(config)
+        # DDIM's own defaults clip the predicted x0 to [-1, 1] (pixel-space DDPM). Latents are not in that range: a
+        # config without ``clip_sample`` (SDXL-style Euler configs, the toy model's) would clip every step and
+        # sample noise-like garbage. Latent diffusion never clips.
+        return diffusers.DDIMScheduler.from_config(config, clip_sample=False, thresholding=False)
     if name == "dpmsolver++":
         return diffusers.DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++")
     return diffusers.EulerDiscreteScheduler.from_config(config)
