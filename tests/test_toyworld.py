@@ -250,3 +250,21 @@ def test_pretrain_toy_resumes_where_it_stopped(tmp_path):
 
     pipe = load_pipeline(str(out), device="cpu", dtype="fp32")
     assert len(pipe.unet.up_blocks[0].attentions) == 3 and pipe.text_encoder_2 is not None
+
+
+def test_pretrain_toy_lr_restart_schedule():
+    """The committed toy-xl's schedule (``--unet-steps 7000 --lr-restart 4500``): a cosine that ends at 5% of the lr
+    at step 4,500, then a warm restart that follows the 7,000-step cosine (SGDR-like); without a restart, one cosine."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pretrain_toy", ROOT / "scripts" / "pretrain_toy.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    lr = lambda s, restart=4500: mod.unet_lr(s, 7000, 1e-3, restart)  # noqa: E731
+    assert lr(4499) == pytest.approx(5e-5, rel=1e-3)  # the first cosine has decayed to its floor
+    assert lr(4500) == pytest.approx(mod.lr_at(4500, 7000, 1e-3, 500)) and lr(4500) > 6 * lr(4499)  # the restart
+    assert lr(6999) == pytest.approx(5e-5, rel=1e-2)
+    assert all(lr(s, 0) == mod.lr_at(s, 7000, 1e-3, 500) for s in (0, 100, 3000, 4500, 6999))
+    assert lr(10) < lr(400) and max(lr(s) for s in range(0, 4500, 50)) <= 1e-3
+    info = json.loads((ROOT / "assets" / "toy-xl" / "training_info.json").read_text())
+    assert info["unet"]["steps"] == info["unet"]["target_steps"] == 7000 and info["unet"]["lr_restart"] == 4500
