@@ -196,7 +196,9 @@ def section_base(ctx: Context) -> dict:
 
 
 METHOD_RES = 64  # training and generation resolution (the toy model's native size)
-DB_STEPS, DB_RANK, DB_LR = 200, 8, 1e-3
+# 600 steps: at 200 the LoRAs drew their subject large and centred (bench 56-100%) but not at medium size beside
+# another object, so every composition engine scored 0-2 of 16 (2026-11-25, toy-xl 7,000 steps)
+DB_STEPS, DB_RANK, DB_LR = 600, 8, 1e-3
 
 
 def _recipe(method: str, ws):
@@ -373,7 +375,17 @@ def section_dreambooth(ctx: Context) -> dict:
 
 
 ORTH_SUBJECTS = ("kavo", "tesh", "morl", "quib", "zeph")  # merged in order: the first N for N in ctx.orth_counts
+# pivotal tuning makes the trigger a new token, which a piece of CLIP's vocabulary cannot become (studio.embeddings):
+# "zeph" is one (a prefix of "zephyr"), so its orthogonal LoRA is trained and prompted with another rare word
+PIVOTAL_TRIGGER = {"zeph": "zefh"}
 ORTH_LAMBDA = 0.6
+
+
+def _orth_lora(ctx: "Context", subject: str) -> Path:
+    """The subject's LoRA of the orthogonal recipe (pivotal token + LoRA, as ED-LoRA), trigger ``PIVOTAL_TRIGGER``."""
+    t = PIVOTAL_TRIGGER.get(subject, subject)
+    refs = [(im, cap.replace(subject, t)) for im, cap in tw.render_references(subject, n=4, seed=0)]
+    return _train(ctx, f"orth-{subject}", _dataset(_workspace(ctx), f"refs-{t}", refs), "orthogonal", trigger=t)
 
 
 def section_orthogonal(ctx: Context) -> dict:
@@ -387,10 +399,10 @@ def section_orthogonal(ctx: Context) -> dict:
     subjects = ORTH_SUBJECTS[:max(counts)]
     kinds = (("naive", "DreamBooth"), ("orthogonal", "orthogonal"))
     paths = {"naive": {}, "orthogonal": {}}
+    trig = {"naive": {s: s for s in subjects}, "orthogonal": {s: PIVOTAL_TRIGGER.get(s, s) for s in subjects}}
     for s in subjects:
         paths["naive"][s] = _db_lora(ctx, s)
-        ds = _dataset(ws, f"refs-{s}", tw.render_references(s, n=4, seed=0))
-        paths["orthogonal"][s] = _train(ctx, f"orth-{s}", ds, "orthogonal", trigger=s)
+        paths["orthogonal"][s] = _orth_lora(ctx, s)
     merged, warn = {}, {}
     for kind, _ in kinds:
         for n in counts:
@@ -401,9 +413,9 @@ def section_orthogonal(ctx: Context) -> dict:
     rows, metrics, grid_imgs = [], {}, []
     for si, s in enumerate(subjects):
         ks = _scenes_for(s, ctx.seed, ("plain",) * 4)  # 4 prompts x per_prompt images a cell (>= MIN_CELL)
-        prompts = [tw.caption(sc) for _, sc in ks]
         row = {"metric": f"{s}: subject fidelity"}
         for kind, label in kinds:
+            prompts = [tw.caption(sc).replace(s, trig[kind][s]) for _, sc in ks]
             conds = [("alone", paths[kind][s])] + [(f"N={n}", merged[kind, n]) for n in counts if si < n]
             for mode, lora in conds:
                 imgs = _gen(ctx, prompts, [_ref(lora, 1.0, f"{kind}_{mode.replace('=', '')}")], per, seed_offset=300 + 10 * si)
@@ -519,7 +531,10 @@ def section_composition(ctx: Context) -> dict:
     from studio.composition import ConceptEntry, CompositionSpec
 
     a, b = COMPOSE_PAIR
-    la, lb = _db_lora(ctx, a), _db_lora(ctx, b)
+    # the concepts are LoRAs of the orthogonal recipe: a pivotal token per concept beside the LoRA, as the ED-LoRAs of
+    # Mix-of-Show that LoRA-Composer composes (measured 2026-11-25 on toy-xl, 16 seeds: DreamBooth LoRAs, which share
+    # the base's word embeddings, gave 0/16 each in its region with merge and CLoRA even at 600 steps; these 16/16)
+    la, lb = _orth_lora(ctx, a), _orth_lora(ctx, b)
     n = ctx.n_compose
     scene = tw.Scene((tw.Obj(a, tw.SUBJECTS[a]["primary"], "medium", "left"),
                       tw.Obj(b, tw.SUBJECTS[b]["primary"], "medium", "right")), "plain", "cyan", "flat", 0)
@@ -562,9 +577,9 @@ def section_composition(ctx: Context) -> dict:
                 metrics[f"{label}: {k}"] = v
         grid_imgs += imgs[:8]
     tw.contact_sheet(grid_imgs, cols=8, scale=2).save(ctx.out / "composition_grid.png")
-    return {"title": f"Composition: {a} (left) + {b} (right) with two DreamBooth LoRAs",
+    return {"title": f"Composition: {a} (left) + {b} (right) with two LoRAs of the orthogonal recipe",
             "setup": {"prompt": prompt, "regions": f"left {LEFT_BOX}, right {RIGHT_BOX}", "concept_prompts": [c.prompt for c in concepts], "images_per_engine": n,
-                      "gen_steps": ctx.steps, "guidance": ctx.guidance, "seed": ctx.seed, "loras": "the dreambooth section's"},
+                      "gen_steps": ctx.steps, "guidance": ctx.guidance, "seed": ctx.seed, "loras": "the orthogonal section's (pivotal token + LoRA)"},
             "metrics": metrics, "rows": rows, "grid": "composition_grid.png",
             "notes": "both present: the judge finds both subjects among left/right/centre heads; each in its region: "
                      "left head = first subject and right head = second"}
@@ -955,7 +970,8 @@ def main(argv=None) -> int:
     ap.add_argument("--n-compose", type=int, default=32, help="composition: images per engine")
     ap.add_argument("--no-concept-position", dest="concept_position", action="store_false",
                     help="composition: concept prompts without their side ('a kavo emblem, …' instead of '… on the left, …')")
-    ap.add_argument("--train-steps", type=int, default=DB_STEPS, help="method sections: LoRA training steps")
+    ap.add_argument("--train-steps", type=int, default=None,
+                    help=f"method sections: LoRA training steps (default {DB_STEPS}; B-LoRA {BLORA_STEPS})")
     ap.add_argument("--orth-counts", default="2,3,5", help="orthogonal: numbers of subjects merged (at most 5)")
     ap.add_argument("--n", type=int, default=64, help="one-object prompts")
     ap.add_argument("--n-two", type=int, default=16, help="two-object prompts")
@@ -982,7 +998,8 @@ def main(argv=None) -> int:
     for name in names:
         if name not in SECTIONS:
             ap.error(f"unknown section {name!r}; known: {', '.join(SECTIONS)}")
-    DB_STEPS = BLORA_STEPS = args.train_steps
+    if args.train_steps:
+        DB_STEPS = BLORA_STEPS = args.train_steps
     from studio.models import load_pipeline
 
     model_ref = "toy-xl" if Path(args.model).resolve() == DEFAULT_MODEL.resolve() else str(args.model)
