@@ -532,8 +532,9 @@ def section_composition(ctx: Context) -> dict:
 
     a, b = COMPOSE_PAIR
     # the concepts are LoRAs of the orthogonal recipe: a pivotal token per concept beside the LoRA, as the ED-LoRAs of
-    # Mix-of-Show that LoRA-Composer composes (measured 2026-11-25 on toy-xl, 16 seeds: DreamBooth LoRAs, which share
-    # the base's word embeddings, gave 0/16 each in its region with merge and CLoRA even at 600 steps; these 16/16)
+    # Mix-of-Show that LoRA-Composer composes (measured 2026-11-25 on toy-xl: DreamBooth LoRAs, which share the base's
+    # word embeddings, gave 0-2 of 16 each in its region with merge and CLoRA, 0 of 8 at 600 steps; these up to 16 of
+    # 16, depending on the orthogonal basis slots the two concepts get: bench/README.md)
     la, lb = _orth_lora(ctx, a), _orth_lora(ctx, b)
     n = ctx.n_compose
     scene = tw.Scene((tw.Obj(a, tw.SUBJECTS[a]["primary"], "medium", "left"),
@@ -880,7 +881,7 @@ def to_markdown(report: dict) -> str:
 
 
 # Seconds of each section on this machine at the defaults (1 thread; bench/README.md): how --jobs balances its processes
-SECTION_SECONDS = {"base": 41, "dreambooth": 237, "orthogonal": 1263, "decor": 146, "composition": 487, "blora": 156,
+SECTION_SECONDS = {"base": 29, "dreambooth": 190, "orthogonal": 1241, "decor": 322, "composition": 991, "blora": 62,
                    "vae": 357, "blocks": 553}
 
 
