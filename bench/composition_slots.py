@@ -31,39 +31,16 @@ from studio import toyworld as tw  # noqa: E402
 
 
 def run_pair(pipe, judge, slots: tuple[int, int], engines: list[str], seeds: int) -> dict:
-    from pipelines.compose import compose
-    from studio.composition import ConceptEntry, CompositionSpec
+    """Train the pair in its own workspace with the given slots, then the section's prompt, boxes and seeds."""
     from studio.library import Workspace
 
     ctx = Q.Context(pipe=pipe, judge=judge, out=Path(tempfile.mkdtemp()), model_ref="toy-xl")
     ctx.extra["ws"] = Workspace(tempfile.mkdtemp(prefix="slots-ws-"))
     a, b = Q.COMPOSE_PAIR
-    paths = {}
-    for s, slot in zip((a, b), slots):
-        ds = Q._dataset(ctx.extra["ws"], f"refs-{s}", tw.render_references(s, n=4, seed=0))
-        paths[s] = Q._train(ctx, f"orth-{s}", ds, "orthogonal", trigger=s, slot=slot)
-    scene = tw.Scene((tw.Obj(a, tw.SUBJECTS[a]["primary"], "medium", "left"),
-                      tw.Obj(b, tw.SUBJECTS[b]["primary"], "medium", "right")), "plain", "cyan", "flat", 0)
-    prompt = tw.caption(scene)
-    context = prompt.split(", ", 1)[1]
-    out = {}
-    for engine in engines:
-        concepts = [ConceptEntry(lora=str(paths[a]), token=a, region=Q.LEFT_BOX),
-                    ConceptEntry(lora=str(paths[b]), token=b, region=Q.RIGHT_BOX)]
-        if engine != "clora":  # as the quality section: the world's single-object captions as concept prompts
-            where = (" on the left", " on the right")
-            concepts = [ConceptEntry(lora=c.lora, prompt=f"a {c.token} emblem{w}, {context}", token=c.token, region=c.region)
-                        for c, w in zip(concepts, where)]
-        imgs = []
-        for i in range(seeds):
-            spec = CompositionSpec(prompt=prompt, concepts=concepts, engine=engine, seed=1234 + 700 + i, steps=20,
-                                   guidance=5.0, width=Q.METHOD_RES, height=Q.METHOD_RES)
-            imgs += compose(pipe, spec, None, save=False).images
-        preds = judge.predict(imgs)
-        out[engine] = {"each in its region": Q._rate([p["left_shape"] == a and p["right_shape"] == b for p in preds]),
-                       f"{a} on the left": Q._rate([p["left_shape"] == a for p in preds]),
-                       f"{b} on the right": Q._rate([p["right_shape"] == b for p in preds])}
-    return out
+    paths = [Q._train(ctx, f"orth-{s}", Q._dataset(ctx.extra["ws"], f"refs-{s}", tw.render_references(s, n=4, seed=0)),
+                      "orthogonal", trigger=s, slot=slot) for s, slot in zip((a, b), slots)]
+    prompt, concepts = Q.compose_setup(ctx, *paths)
+    return {e: Q.region_rates(judge.predict(Q.compose_images(ctx, prompt, concepts, e, seeds)), a, b) for e in engines}
 
 
 def main(argv=None) -> int:

@@ -399,7 +399,6 @@ def section_orthogonal(ctx: Context) -> dict:
     subjects = ORTH_SUBJECTS[:max(counts)]
     kinds = (("naive", "DreamBooth"), ("orthogonal", "orthogonal"))
     paths = {"naive": {}, "orthogonal": {}}
-    trig = {"naive": {s: s for s in subjects}, "orthogonal": {s: PIVOTAL_TRIGGER.get(s, s) for s in subjects}}
     for s in subjects:
         paths["naive"][s] = _db_lora(ctx, s)
         paths["orthogonal"][s] = _orth_lora(ctx, s)
@@ -415,7 +414,8 @@ def section_orthogonal(ctx: Context) -> dict:
         ks = _scenes_for(s, ctx.seed, ("plain",) * 4)  # 4 prompts x per_prompt images a cell (>= MIN_CELL)
         row = {"metric": f"{s}: subject fidelity"}
         for kind, label in kinds:
-            prompts = [tw.caption(sc).replace(s, trig[kind][s]) for _, sc in ks]
+            word = PIVOTAL_TRIGGER.get(s, s) if kind == "orthogonal" else s  # the trigger each LoRA was trained with
+            prompts = [tw.caption(sc).replace(s, word) for _, sc in ks]
             conds = [("alone", paths[kind][s])] + [(f"N={n}", merged[kind, n]) for n in counts if si < n]
             for mode, lora in conds:
                 imgs = _gen(ctx, prompts, [_ref(lora, 1.0, f"{kind}_{mode.replace('=', '')}")], per, seed_offset=300 + 10 * si)
@@ -525,18 +525,11 @@ COMPOSE_PAIR = ("kavo", "tesh")
 LEFT_BOX, RIGHT_BOX = (0.03, 0.2, 0.5, 0.8), (0.5, 0.2, 0.97, 0.8)  # [x0, y0, x1, y1] as fractions
 
 
-def section_composition(ctx: Context) -> dict:
-    """Two subject LoRAs left/right with the merge, composer and clora engines; judged per region."""
-    from pipelines.compose import compose
-    from studio.composition import ConceptEntry, CompositionSpec
+def compose_setup(ctx: "Context", la: Path, lb: Path) -> tuple[str, list]:
+    """The composition section's base prompt and concepts for the LoRAs of ``COMPOSE_PAIR`` (left, right)."""
+    from studio.composition import ConceptEntry
 
     a, b = COMPOSE_PAIR
-    # the concepts are LoRAs of the orthogonal recipe: a pivotal token per concept beside the LoRA, as the ED-LoRAs of
-    # Mix-of-Show that LoRA-Composer composes (measured 2026-11-25 on toy-xl: DreamBooth LoRAs, which share the base's
-    # word embeddings, gave 0-2 of 16 each in its region with merge and CLoRA, 0 of 8 at 600 steps; these up to 16 of
-    # 16, depending on the orthogonal basis slots the two concepts get: bench/README.md)
-    la, lb = _orth_lora(ctx, a), _orth_lora(ctx, b)
-    n = ctx.n_compose
     scene = tw.Scene((tw.Obj(a, tw.SUBJECTS[a]["primary"], "medium", "left"),
                       tw.Obj(b, tw.SUBJECTS[b]["primary"], "medium", "right")), "plain", "cyan", "flat", 0)
     prompt = tw.caption(scene)
@@ -547,31 +540,50 @@ def section_composition(ctx: Context) -> dict:
     # left, …"); the toy model learned position from those words. Without them (--no-concept-position) a concept's
     # box hears "an object, centred", which the toy model draws as background, so the box stays empty.
     where = (" on the left", " on the right") if ctx.concept_position else ("", "")
-    concepts = [ConceptEntry(lora=str(la), prompt=f"a {a} emblem{where[0]}, {context}", token=a, region=LEFT_BOX),
-                ConceptEntry(lora=str(lb), prompt=f"a {b} emblem{where[1]}, {context}", token=b, region=RIGHT_BOX)]
+    return prompt, [ConceptEntry(lora=str(la), prompt=f"a {a} emblem{where[0]}, {context}", token=a, region=LEFT_BOX),
+                    ConceptEntry(lora=str(lb), prompt=f"a {b} emblem{where[1]}, {context}", token=b, region=RIGHT_BOX)]
+
+
+def compose_images(ctx: "Context", prompt: str, concepts: list, engine: str, n: int) -> list:
+    """``n`` images of one engine (seeds ``ctx.seed`` + 700 + i)."""
+    from pipelines.compose import compose
+    from studio.composition import ConceptEntry, CompositionSpec
+
+    if engine == "clora":
+        # CLoRA as published: every pass is the whole base sentence naming the concept by its trigger (the world's
+        # subject names are the LoRAs' triggers), built by studio.composition.concept_prompt
+        concepts = [ConceptEntry(lora=c.lora, token=c.token, region=c.region) for c in concepts]
+    imgs = []
+    for i in range(n):
+        spec = CompositionSpec(prompt=prompt, concepts=concepts, engine=engine, seed=ctx.seed + 700 + i,
+                               steps=ctx.steps, guidance=ctx.guidance, width=METHOD_RES, height=METHOD_RES)
+        imgs += compose(ctx.pipe, spec, None, save=False).images
+    return imgs
+
+
+def region_rates(preds: list, a: str, b: str) -> dict:
+    return {"both present": _rate([{a, b} <= {p["left_shape"], p["right_shape"], p["shape"]} for p in preds]),
+            "each in its region": _rate([p["left_shape"] == a and p["right_shape"] == b for p in preds]),
+            f"{a} on the left": _rate([p["left_shape"] == a for p in preds]),
+            f"{b} on the right": _rate([p["right_shape"] == b for p in preds])}
+
+
+def section_composition(ctx: Context) -> dict:
+    """Two subject LoRAs left/right with the merge, composer and clora engines; judged per region."""
+    a, b = COMPOSE_PAIR
+    # the concepts are LoRAs of the orthogonal recipe: a pivotal token per concept beside the LoRA, as the ED-LoRAs of
+    # Mix-of-Show that LoRA-Composer composes (measured 2026-11-25 on toy-xl: DreamBooth LoRAs, which share the base's
+    # word embeddings, gave 0-2 of 16 each in its region with merge and CLoRA, 0 of 8 at 600 steps; these up to 16 of
+    # 16, depending on the orthogonal basis slots the two concepts get: bench/README.md, bench/composition_slots.py)
+    prompt, concepts = compose_setup(ctx, _orth_lora(ctx, a), _orth_lora(ctx, b))
+    n = ctx.n_compose
     rows, metrics, grid_imgs = [], {}, []
     conds = [("base model (no LoRA)", None), ("merge", "merge"), ("composer", "composer"), ("clora", "clora")]
     for label, engine in conds:
         t0 = time.time()
-        if engine is None:
-            imgs = _gen(ctx, [prompt], [], n, seed_offset=700)
-        else:
-            imgs = []
-            # CLoRA as published: every pass is the whole base sentence naming the concept by its trigger (the
-            # world's subject names are the LoRAs' triggers), built by studio.composition.concept_prompt
-            eng_concepts = ([ConceptEntry(lora=c.lora, token=c.token, region=c.region) for c in concepts]
-                            if engine == "clora" else concepts)
-            for i in range(n):
-                spec = CompositionSpec(prompt=prompt, concepts=eng_concepts, engine=engine, seed=ctx.seed + 700 + i,
-                                       steps=ctx.steps, guidance=ctx.guidance, width=METHOD_RES, height=METHOD_RES)
-                imgs += compose(ctx.pipe, spec, None, save=False).images
+        imgs = _gen(ctx, [prompt], [], n, seed_offset=700) if engine is None else compose_images(ctx, prompt, concepts, engine, n)
         secs = time.time() - t0
-        preds = ctx.judge.predict(imgs)
-        in_region = [p["left_shape"] == a and p["right_shape"] == b for p in preds]
-        present = [{a, b} <= {p["left_shape"], p["right_shape"], p["shape"]} for p in preds]
-        r = {"metric": label, "both present": _rate(present), "each in its region": _rate(in_region),
-             f"{a} on the left": _rate([p["left_shape"] == a for p in preds]),
-             f"{b} on the right": _rate([p["right_shape"] == b for p in preds]), "seconds/image": round(secs / n, 2)}
+        r = {"metric": label, **region_rates(ctx.judge.predict(imgs), a, b), "seconds/image": round(secs / n, 2)}
         rows.append(r)
         for k, v in r.items():
             if k != "metric":

@@ -50,8 +50,9 @@ but not shapes or positions. What fixed that was the zero-terminal-SNR objective
 ``assets/toy-xl`` is 7,000 steps of the recipe below (a cosine to step 4,500, then a warm restart on the 7,000-step
 cosine: style rose 66% -> 72% in the probes after the restart), 81.9 minutes of one thread (bench base: shape 92%,
 colour 100%, background 100%, background colour 100%, style 81%, position 100%, two objects 84% per side; README). On the CPU the
-VAE stage (32x32 crops, batch 16, 6,000 steps, ~45 minutes of one thread) reached PSNR 33.8 dB and the judge on round
-trips shape 96.6% / style 95.5% / the rest 100% (the H100 VAE: 97.3% / 97.1%).
+VAE stage (32x32 crops, batch 16) reached PSNR 33.8 dB and the judge on round trips shape 96.6% / style 95.5% in
+6,000 steps (~45 minutes of one thread), 35.8 dB and 96.9% / 97.8% in 12,000 (~84 minutes); the rest 100% (the H100
+VAE: 97.3% / 97.1%).
 
 A sitting logs a proxy eval every ``--probe-minutes`` (``probe``: the judge on ``--probe-n`` one-object and a
 quarter as many two-object prompts, EMA weights, 12 Euler steps, guidance 5; plus the loss on a fixed batch);
