@@ -894,7 +894,7 @@ def to_markdown(report: dict) -> str:
 
 # Seconds of each section on this machine at the defaults (1 thread; bench/README.md): how --jobs balances its processes
 SECTION_SECONDS = {"base": 29, "dreambooth": 190, "orthogonal": 1241, "decor": 322, "composition": 991, "blora": 62,
-                   "vae": 357, "blocks": 553}
+                   "vae": 357, "blocks": 128}
 
 
 def split_sections(names: list[str], jobs: int) -> list[list[str]]:
