@@ -456,6 +456,66 @@ DECOR_GRID = [("all-but-bos", "1", 1.0, "null", "none"),  # the previous default
               DECOR_DEFAULT, ("all-but-bos", "1", 1.0, "null", "kavo emblem")]
 
 
+DECOR_STYLE = "flat"  # the style of every DreamBooth reference (studio.toyworld.reference_scenes)
+DECOR_STYLE_GRID = [DECOR_DEFAULT, ("words", "1", 1.0, "null", "")]
+
+
+def _decor_label(what: str, rows: str, k: str, a: float, ref: str, keep: str, prefix: str = "") -> str:
+    return f"{prefix}remove {what}: rows={rows} k={k} α={a:g} reference={ref} keep={keep or 'trigger'}"
+
+
+def _decor_conds(path: Path, phrases, grid, prefix: str = "") -> list:
+    """(label, loras, generate kwargs) per DECOR setting of ``grid`` and phrase to remove."""
+    conds = []
+    for rows, k, a, ref, keep in grid:
+        for what, text in phrases:
+            conds.append((_decor_label(what, rows, k, a, ref, keep, prefix), [_ref(path)],
+                          {"decor_remove": text, "decor_strength": a, "decor_components": k, "decor_rows": rows,
+                           "decor_reference": ref, "decor_keep": keep}))
+    return conds
+
+
+def _decor_style_setup(ctx: "Context") -> tuple[list, list, list]:
+    """The style-leak part of the DECOR section: the subject's DreamBooth LoRA, one prompt per other style."""
+    import random as _random
+
+    path = _db_lora(ctx, DECOR_SUBJECT)
+    rng = _random.Random(f"decor-style-{ctx.seed}")
+    s = DECOR_SUBJECT
+    scenes = []
+    for st in [x for x in tw.STYLES if x != DECOR_STYLE]:
+        c = tw._pick(rng, tw.COLOR_NAMES, exclude=(tw.SUBJECTS[s]["primary"], tw.SUBJECTS[s]["secondary"]))
+        scenes.append(tw.Scene((tw.Obj(s, tw.SUBJECTS[s]["primary"], "large", "center"),), rng.choice(tw.BACKGROUNDS),
+                               c, st, rng.randrange(2**31)))
+    conds = [("style leak: LoRA, DECOR off", [_ref(path)], None)]
+    conds += _decor_conds(path, (("leaked", f"{DECOR_STYLE} style"), *DECOR_UNRELATED), DECOR_STYLE_GRID, "style leak: ")
+    return conds, [tw.caption(sc) for sc in scenes], scenes
+
+
+def _decor_rows(ctx: "Context", prompts: list, scenes: list, conds: list, judge_cols, rows_out: list,
+                metrics: dict) -> list:
+    """Generate and judge every condition; one table row per condition (``judge_cols(pred, scene)`` -> column
+    booleans). Returns the grid images: one per prompt of the conditions without DECOR or with the default."""
+    per, grid = ctx.per_prompt, []
+    for label, loras, kw in conds:
+        imgs = _gen(ctx, prompts, loras, per, seed_offset=500, **(kw or {}))
+        preds = ctx.judge.predict(imgs)
+        cols: dict[str, list] = {}
+        for j, sc in enumerate(scenes):
+            for p in preds[j * per:(j + 1) * per]:
+                for key, v in judge_cols(p, sc).items():
+                    cols.setdefault(key, []).append(v)
+        r = {"metric": label, **{key: _rate(v) for key, v in cols.items()}}
+        rows_out.append(r)
+        for key, v in r.items():
+            if key != "metric":
+                metrics[f"{label}: {key}"] = v
+        if kw is None or tuple(kw[f"decor_{x}"] for x in ("rows", "components", "strength", "reference", "keep")) \
+                == DECOR_DEFAULT:
+            grid += imgs[::per]
+    return grid
+
+
 def section_decor(ctx: Context) -> dict:
     """DECOR: leakage of the references' shared background into new-background prompts, per basis rows / components /
     strength, removing the leaked phrase and, as a control, a phrase unrelated to the subject."""
@@ -481,44 +541,39 @@ def section_decor(ctx: Context) -> dict:
                                rng.randrange(2**31)))
     prompts = [tw.caption(s) for s in scenes]
     conds = [("base model (no LoRA)", [], None), ("LoRA, DECOR off", [_ref(path)], None)]
-    for rows, k, a, ref, keep in DECOR_GRID:
-        for what, text in (("leaked", leaked), *DECOR_UNRELATED):
-            conds.append((f"remove {what}: rows={rows} k={k} α={a:g} reference={ref} keep={keep or 'trigger'}",
-                          [_ref(path)], {"decor_remove": text, "decor_strength": a, "decor_components": k,
-                                         "decor_rows": rows, "decor_reference": ref, "decor_keep": keep}))
+    conds += _decor_conds(path, (("leaked", leaked), *DECOR_UNRELATED), DECOR_GRID)
+
+    def bg_cols(p, sc):
+        ok = p["background"] == sc.background and p["bg_color"] == sc.bg_color
+        return {"leakage (ref bg)": p["background"] == bg and p["bg_color"] == bgc,
+                "leakage (ref bg type)": p["background"] == bg, "leakage (ref bg colour)": p["bg_color"] == bgc,
+                "prompt bg fidelity": ok, "subject fidelity": p["shape"] == DECOR_SUBJECT,
+                "subject + prompt bg": ok and p["shape"] == DECOR_SUBJECT}
+
     rows_out, metrics, grid_imgs = [], {}, []
-    for label, loras, kw in conds:
-        imgs = _gen(ctx, prompts, loras, per, seed_offset=500, **(kw or {}))
-        preds = ctx.judge.predict(imgs)
-        leak, leak_col, bg_ok, subj, both = [], [], [], [], []
-        for j, sc in enumerate(scenes):
-            for p in preds[j * per:(j + 1) * per]:
-                leak.append(p["background"] == bg and p["bg_color"] == bgc)
-                leak_col.append(p["bg_color"] == bgc)
-                ok = p["background"] == sc.background and p["bg_color"] == sc.bg_color
-                bg_ok.append(ok)
-                subj.append(p["shape"] == DECOR_SUBJECT)
-                both.append(ok and p["shape"] == DECOR_SUBJECT)
-        r = {"metric": label, "leakage (ref bg)": _rate(leak), "leakage (ref bg type)":
-             _rate([p["background"] == bg for p in preds]), "leakage (ref bg colour)": _rate(leak_col),
-             "prompt bg fidelity": _rate(bg_ok),
-             "subject fidelity": _rate(subj), "subject + prompt bg": _rate(both)}
-        rows_out.append(r)
-        for key, v in r.items():
-            if key != "metric":
-                metrics[f"{label}: {key}"] = v
-        if kw is None or tuple(kw[f"decor_{x}"] for x in ("rows", "components", "strength", "reference", "keep")) \
-                == DECOR_DEFAULT:
-            grid_imgs += imgs[::per]
+    grid_imgs += _decor_rows(ctx, prompts, scenes, conds, bg_cols, rows_out, metrics)
+    # the DreamBooth section's LoRA of the same subject (captioned references, all in the flat style) keeps that style
+    # when a prompt asks for another one: a leak of a second kind, on a LoRA trained as users train them
+    sconds, sprompts, sscenes = _decor_style_setup(ctx)
+
+    def style_cols(p, sc):
+        return {"leakage (ref style)": p["style"] == DECOR_STYLE, "prompt style fidelity": p["style"] == sc.style,
+                "subject fidelity": p["shape"] == DECOR_SUBJECT,
+                "subject + prompt style": p["style"] == sc.style and p["shape"] == DECOR_SUBJECT}
+
+    grid_imgs += _decor_rows(ctx, sprompts, sscenes, sconds, style_cols, rows_out, metrics)
     tw.contact_sheet(refs + grid_imgs, cols=4, scale=2).save(ctx.out / "decor_grid.png")
-    return {"title": "DECOR: background leakage of a subject LoRA, per basis rows / components / strength",
+    return {"title": "DECOR: background and style leakage of subject LoRAs, per basis rows / components / strength",
             "setup": {"subject": DECOR_SUBJECT, "reference_background": f"{bgc} {bg}", "leaked_phrase": leaked,
+                      "style_leak": f"the DreamBooth section's LoRA (references all '{DECOR_STYLE} style'), "
+                                    f"{len(sprompts)} prompts of other styles, removing '{DECOR_STYLE} style'",
                       "unrelated_phrases": " / ".join(t for _, t in DECOR_UNRELATED), "train_prompt": f"a {DECOR_SUBJECT} emblem (no captions)",
                       "steps": steps, "rank": DB_RANK, "lr": DB_LR, "prompts": len(prompts), "images_per_prompt": per,
                       "gen_steps": ctx.steps, "seed": ctx.seed},
             "metrics": metrics, "rows": rows_out, "grid": "decor_grid.png",
-            "notes": "grid: row 1 the references, then one image per prompt for: base, LoRA without DECOR, "
-                     "the default (keep = the LoRA's trigger) removing the leaked phrase, then each unrelated one"}
+            "notes": "grid: row 1 the background LoRA's references, then one image per prompt for: base, LoRA without "
+                     "DECOR, the default (keep = the LoRA's trigger) removing the leaked phrase, then each unrelated "
+                     "one; then the same for the style leak ('style leak:' rows, without the base row)"}
 
 
 COMPOSE_PAIR = ("kavo", "tesh")
@@ -774,14 +829,19 @@ def what_would_change(name: str, sec: dict) -> list[str]:
         return [compare_line(f"N={n} orthogonal merged", g(f"N={n} mean orthogonal merged"),
                              f"DreamBooth merged", g(f"N={n} mean DreamBooth merged")) for n in ns]
     if name == "decor":
-        off, (rows, k, a, ref, keep) = "LoRA, DECOR off", DECOR_DEFAULT
-        on = lambda what: f"remove {what}: rows={rows} k={k} α={a:g} reference={ref} keep={keep or 'trigger'}"  # noqa: E731
+        off = "LoRA, DECOR off"
+        on = lambda what: _decor_label(what, *DECOR_DEFAULT)  # noqa: E731
         return [compare_line("leakage (ref bg type), leaked removed", g(f"{on('leaked')}: leakage (ref bg type)"),
                              "DECOR off", g(f"{off}: leakage (ref bg type)")),
                 compare_line("prompt bg fidelity, leaked removed", g(f"{on('leaked')}: prompt bg fidelity"), "DECOR off",
                              g(f"{off}: prompt bg fidelity"))] + [
                 compare_line(f"subject fidelity, {what} removed", g(f"{on(what)}: subject fidelity"), "DECOR off",
-                             g(f"{off}: subject fidelity")) for what, _ in DECOR_UNRELATED]
+                             g(f"{off}: subject fidelity")) for what, _ in DECOR_UNRELATED] + [
+                compare_line(f"style leak: {col}, {what} removed ({label})",
+                             g(f"{_decor_label(what, *spec, 'style leak: ')}: {col}"), "DECOR off",
+                             g(f"style leak: {off}: {col}"))
+                for label, spec in (("default", DECOR_DEFAULT), ("rows=words", DECOR_STYLE_GRID[1]))
+                for what, col in (("leaked", "leakage (ref style)"), *((w, "subject fidelity") for w, _ in DECOR_UNRELATED))]
     if name == "composition":
         return [compare_line(f"{e} each in its region", g(f"{e}: each in its region"), "merge",
                              g("merge: each in its region")) for e in ("composer", "clora")]
