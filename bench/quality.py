@@ -953,7 +953,7 @@ def to_markdown(report: dict) -> str:
 
 
 # Seconds of each section on this machine at the defaults (1 thread; bench/README.md): how --jobs balances its processes
-SECTION_SECONDS = {"base": 29, "dreambooth": 190, "orthogonal": 1241, "decor": 322, "composition": 991, "blora": 62,
+SECTION_SECONDS = {"base": 29, "dreambooth": 190, "orthogonal": 1241, "decor": 446, "composition": 991, "blora": 62,
                    "vae": 357, "blocks": 128}
 
 
