@@ -75,6 +75,12 @@ Recipes::
             --out assets/toy-xl
         [ $? -eq 75 ] || break
     done
+    # the whole model from scratch on a CPU, ONE thread (not the committed one): VAE ~84 + cache 11 + UNet 113 minutes,
+    # about 3.5 hours in sittings (run it again to resume). Measured: VAE round trips >= 97% on every head (1,000
+    # scenes); bench base shape 81% / style 66% (goals 90 / 80: missed), colour, backgrounds, position 100%, two
+    # objects 81% (assets/toy-xl/README.md: the CPU VAE's latents slow the UNet's learning of shape)
+    OMP_NUM_THREADS=1 python scripts/pretrain_toy.py --vae-crop --vae-steps 12000 --vae-batch 16 --eval-n 400 \
+        --threads 1 --out workspace/pretrain_out/scratch
     # UNet on a GPU (untested length: the goals need far more than the 429 steps tried there)
     python scripts/pretrain_toy.py --device cuda --workers 14 --vae-from assets/toy-vae --unet-steps 12000 --lr-restart 0 \
         --batch 1024 --lr 1e-3 --n-scenes 100000 --out assets/toy-xl
