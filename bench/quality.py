@@ -517,8 +517,9 @@ def _decor_rows(ctx: "Context", prompts: list, scenes: list, conds: list, judge_
 
 
 def section_decor(ctx: Context) -> dict:
-    """DECOR: leakage of the references' shared background into new-background prompts, per basis rows / components /
-    strength, removing the leaked phrase and, as a control, a phrase unrelated to the subject."""
+    """DECOR: leakage of the references' shared background into new-background prompts (a LoRA trained to leak it) and
+    of the references' style into new-style prompts (the DreamBooth section's LoRA), per basis rows / components /
+    strength / keep, removing the leaked phrase and, as a control, phrases unrelated to the subject."""
     import random as _random
 
     ws = _workspace(ctx)
@@ -628,7 +629,7 @@ def section_composition(ctx: Context) -> dict:
     a, b = COMPOSE_PAIR
     # the concepts are LoRAs of the orthogonal recipe: a pivotal token per concept beside the LoRA, as the ED-LoRAs of
     # Mix-of-Show that LoRA-Composer composes (measured 2026-11-25 on toy-xl: DreamBooth LoRAs, which share the base's
-    # word embeddings, gave 0-2 of 16 each in its region with merge and CLoRA, 0 of 8 at 600 steps; these up to 16 of
+    # word embeddings, gave 0-2 of 16 each in its region with merge and CLoRA, 0 of 16 at 600 steps; these up to 16 of
     # 16, depending on the orthogonal basis slots the two concepts get: bench/README.md, bench/composition_slots.py)
     prompt, concepts = compose_setup(ctx, _orth_lora(ctx, a), _orth_lora(ctx, b))
     n = ctx.n_compose

@@ -64,7 +64,8 @@ Recipes::
     python scripts/pretrain_toy.py --device cuda --workers 12 --vae-steps 5200 --vae-batch 64 --vae-pool 60000 \
         --max-minutes 2.9 --vae-only --out assets/toy-vae
     # the VAE on a CPU instead (not the committed one): 12,000 steps, ~84 minutes of one thread at 0.42 s/step; round
-    # trips shape 96.9% / style 97.8% / the rest >= 98% (6,000 steps: 96.6% / 95.5%)
+    # trips shape 96.9% / style 97.8% / the rest >= 98% on the 400-scene probe, 97.7% / 98.1% / 100% on the bench's
+    # vae section (1,000 scenes; 6,000 steps: 96.6% / 95.5% on the probe)
     python scripts/pretrain_toy.py --vae-crop --vae-steps 12000 --vae-batch 16 --eval-n 400 --vae-only --out /tmp/toy-vae-cpu
     # the committed toy-xl: UNet + text encoders on assets/toy-vae, CPU, ONE thread, sittings of at most 60 minutes: the
     # same command again and again while it exits with status 75 (a sitting ended before the schedule); state in

@@ -57,7 +57,10 @@ and that alpha controls the projection degree. Everything below is a documented 
   checker leakage 7.8% -> 0.0%, subject 56.2% -> 62.5%; removing "a photo of a cat sleeping on a sofa" (out of the toy
   encoders' vocabulary) or "a small red star on the left" (in it) costs 56.2% -> 50.0% each: 6.2 points, so the goal
   (at most 5) is **not met**, by one image of 64 and within noise (previous default: 21.9 points out of vocabulary).
-  The toy model reacts strongly to any change of its conditioning, so real models may differ.
+  The toy model reacts strongly to any change of its conditioning, so real models may differ. Re-measured on
+  toy-xl at 7,000 steps (bench/README.md, DECOR): no LoRA found leaks the background; the DreamBooth LoRA's flat style
+  leaks (25%) and removing "flat style" leaves it at 25% with every setting tried, while ``rows="words"`` cost less on
+  the in-vocabulary unrelated phrase (-3.1 vs -15.6 points, one LoRA at 32 images: not enough to change the default).
 * SDXL (``per_encoder``, default True): SDXL's prompt embedding is the concatenation of CLIP-L (768) and OpenCLIP bigG
   (1280) penultimate hidden states. With ``per_encoder`` each encoder's column block gets its own basis from its own
   columns of X~ (the two encoders live in unrelated spaces); otherwise one basis over the full 2048 width. Unverified
