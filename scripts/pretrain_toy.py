@@ -10,7 +10,10 @@ Stages (everything seeded):
 1. ``vae``: a small AutoencoderKL (64x64x3 <-> 16x16xC, two downsamplings, ``--vae-channels`` latent channels)
    on rendered pretraining scenes; loss L1 + MSE + L1 of the image gradients (the edges and strokes that tell
    shapes and styles apart) + a tiny KL term; ``scaling_factor`` = 1/std of the latents. Measured at the end:
-   PSNR and the judge (``assets/judge``) on VAE round trips of fresh renders.
+   PSNR and the judge (``assets/judge``) on VAE round trips of fresh renders. Optional (``--vae-se-steps``): that
+   many more steps of fine-tuning with the scale-equivariance term of Skorokhodov et al. 2025 ("Improving the
+   Diffusability of Autoencoders": decode the 2x-downsampled latent to the 2x-downsampled image, which removes
+   latent detail finer than the image's); its own cosine from ``--vae-se-lr``.
 2. ``cache``: the UNet's training scenes rendered once; VAE latent distributions and token ids cached.
 3. ``unet``: the UNet (SDXL layout: ``text_time`` added conditioning, ``up_blocks.0`` a cross-attention block
    with 3 attentions of 3 transformer layers) trained together with the two small CLIP text encoders;
@@ -286,14 +289,16 @@ def train_vae(vae, st: State, args, device, deadline: float) -> bool:
     params = list(vae.parameters())
     opt = torch.optim.AdamW(params, lr=args.vae_lr, weight_decay=0.0)
     g = torch.Generator(device).manual_seed(args.seed)
-    step = st.meta.get("vae_step", 0)
+    step = step0 = st.meta.get("vae_step", 0)
     saved = st.load("vae_train")
     if saved is not None:
         unpack_training(saved, params, opt, g)
         log(f"VAE: resumed at step {step}")
     vae.train()
     t0, t_ck, ema_loss = time.time(), time.time(), None
-    while step < args.vae_steps and time.time() < deadline:
+    total = args.vae_steps + args.vae_se_steps
+    while step < total and time.time() < deadline:
+        se = step >= args.vae_steps  # the scale-equivariance fine-tuning that follows the main schedule
         idx = torch.randint(0, len(imgs), (args.vae_batch,), generator=g, device=device)
         x = to_float(imgs[idx])
         if args.vae_crop:  # fully convolutional (no mid attention): aligned 32x32 crops, 4x cheaper on a CPU
@@ -302,19 +307,21 @@ def train_vae(vae, st: State, args, device, deadline: float) -> bool:
         if torch.rand((), generator=g, device=device) < 0.5:
             x = x.flip(-1)  # a left/right swap keeps the world's distribution
         post = vae.encode(x).latent_dist
-        rec = vae.decode(post.sample(generator=g)).sample
-        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + args.vae_edge * _grad_l1(rec, x)
-        loss = loss + 1e-6 * post.kl().mean() / post.mean[0].numel()
+        z = post.sample(generator=g)
+        loss = _rec_loss(vae.decode(z).sample, x, args.vae_edge) + 1e-6 * post.kl().mean() / post.mean[0].numel()
+        if se:  # decode the 2x-downsampled latent to the 2x-downsampled image: no latent detail finer than the image's
+            loss = loss + args.vae_se * _rec_loss(vae.decode(F.avg_pool2d(z, 2)).sample, F.avg_pool2d(x, 2), args.vae_edge)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         for gp in opt.param_groups:
-            gp["lr"] = lr_at(step, args.vae_steps, args.vae_lr, 200)
+            gp["lr"] = (lr_at(step - args.vae_steps, args.vae_se_steps, args.vae_se_lr, 100) if se
+                        else lr_at(step, args.vae_steps, args.vae_lr, 200))
         opt.step()
         step += 1
         ema_loss = loss.item() if ema_loss is None or step % 50 else 0.9 * ema_loss + 0.1 * loss.item()
         if step % 500 == 0:
-            log(f"VAE step {step}/{args.vae_steps} loss {ema_loss:.4f} ({(time.time() - t0) / max(step - st.meta.get('vae_step', 0), 1):.3f} s/step)")
+            log(f"VAE step {step}/{total} loss {ema_loss:.4f} ({(time.time() - t0) / max(step - step0, 1):.3f} s/step)")
         if time.time() - t_ck > args.ckpt_minutes * 60:
             st.save("vae_train", pack_training(params, opt, g))
             st.meta["vae_step"] = step
@@ -326,7 +333,11 @@ def train_vae(vae, st: State, args, device, deadline: float) -> bool:
     st.meta["vae_minutes"] += (time.time() - t0) / 60
     st.save_meta()
     vae.eval()
-    return step >= args.vae_steps
+    return step >= total
+
+
+def _rec_loss(rec: torch.Tensor, x: torch.Tensor, edge: float) -> torch.Tensor:
+    return F.l1_loss(rec, x) + F.mse_loss(rec, x) + edge * _grad_l1(rec, x)
 
 
 @torch.no_grad()
@@ -618,6 +629,10 @@ def main(argv=None) -> int:
     ap.add_argument("--vae-pool", type=int, default=12000, help="scenes rendered for the VAE")
     ap.add_argument("--vae-crop", action="store_true", help="train the VAE on aligned 32x32 crops (CPU)")
     ap.add_argument("--vae-edge", type=float, default=1.0, help="weight of the image-gradient L1 term")
+    ap.add_argument("--vae-se-steps", type=int, default=0,
+                    help="fine-tune the VAE so many steps more with the scale-equivariance term (Skorokhodov et al. 2025)")
+    ap.add_argument("--vae-se", type=float, default=1.0, help="weight of the scale-equivariance term when fine-tuning")
+    ap.add_argument("--vae-se-lr", type=float, default=1e-4, help="peak lr of the scale-equivariance fine-tuning")
     ap.add_argument("--vae-from", default=None, help="reuse the VAE of a saved pipeline folder (skip stage 1)")
     ap.add_argument("--eval-n", type=int, default=1000, help="scenes for the judge on VAE round trips (0: skip)")
     ap.add_argument("--unet-steps", type=int, default=7000)
@@ -680,6 +695,8 @@ def main(argv=None) -> int:
                 (out / "vae_info.json").write_text(json.dumps(info, indent=2) + "\n")
             return AGAIN
         st.meta["vae"] = {"steps": st.meta["vae_step"], "minutes": round(st.meta["vae_minutes"], 2),
+                          **({"scale_equivariance": {"steps": args.vae_se_steps, "weight": args.vae_se, "lr": args.vae_se_lr}}
+                             if args.vae_se_steps else {}),
                           **finish_vae(vae, args, device)}
         vae.to("cpu").save_pretrained(st.dir / "vae")
         vae.to(device)

@@ -252,6 +252,35 @@ def test_pretrain_toy_resumes_where_it_stopped(tmp_path):
     assert len(pipe.unet.up_blocks[0].attentions) == 3 and pipe.text_encoder_2 is not None
 
 
+@pytest.mark.slow
+def test_pretrain_toy_scale_equivariance_fine_tune(tmp_path):
+    """``--vae-se-steps``: the VAE trains that many steps more after its schedule, and the scale-equivariance term
+    (decode the 2x-downsampled latent to the 2x-downsampled image) changes what they learn; the run records it."""
+    import importlib.util
+
+    import torch
+    from safetensors.torch import load_file
+
+    spec = importlib.util.spec_from_file_location("pretrain_toy", ROOT / "scripts" / "pretrain_toy.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    torch_threads = torch.get_num_threads()
+    weights = {}
+    try:
+        for w in ("0", "1"):
+            out = tmp_path / f"se{w}"
+            assert mod.main(["--out", str(out), "--state", str(tmp_path / f"state{w}"), "--vae-steps", "2",
+                             "--vae-se-steps", "2", "--vae-se", w, "--vae-batch", "2", "--vae-pool", "8",
+                             "--vae-channels", "4", "--eval-n", "0", "--vae-crop", "--vae-only"]) == 0
+            info = json.loads((out / "vae_info.json").read_text())
+            assert info["steps"] == 4 and info["scale_equivariance"] == {"steps": 2, "weight": float(w), "lr": 1e-4}
+            weights[w] = load_file(str(out / "vae" / "diffusion_pytorch_model.safetensors"))
+    finally:
+        torch.set_num_threads(torch_threads)
+    assert weights["0"].keys() == weights["1"].keys()
+    assert any(not torch.equal(weights["0"][k], weights["1"][k]) for k in weights["0"])
+
+
 def test_pretrain_toy_lr_restart_schedule():
     """The committed toy-xl's schedule (``--unet-steps 7000 --lr-restart 4500``): a cosine that ends at 5% of the lr
     at step 4,500, then a warm restart that follows the 7,000-step cosine (SGDR-like); without a restart, one cosine."""
