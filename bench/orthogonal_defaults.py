@@ -16,8 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -45,14 +43,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--only", default="", help="comma-separated row numbers of RECIPES to run (default: all)")
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    from studio.judge import Judge
-    from studio.models import load_pipeline
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    ctx = Q.Context(pipe=load_pipeline("toy-xl", device="cpu", dtype=torch.float32), judge=Judge.load(), out=out,
-                    per_prompt=args.per_prompt)
+    ctx = Q.sweep_context(args.out, args.per_prompt, args.threads)
+    out = ctx.out
     ws = Q._workspace(ctx)
     subjects = [s.strip() for s in args.subjects.split(",") if s.strip()]
     rows = []

@@ -111,6 +111,17 @@ class Context:
     extra: dict = field(default_factory=dict)
 
 
+def sweep_context(out, per_prompt: int, threads: int) -> Context:
+    """The context of a bench sweep script (``bench/*_defaults.py``): toy-xl on the CPU, the judge, ``out`` made."""
+    from studio.models import load_pipeline
+
+    torch.set_num_threads(threads)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return Context(pipe=load_pipeline("toy-xl", device="cpu", dtype=torch.float32), judge=Judge.load(), out=out,
+                   per_prompt=per_prompt)
+
+
 class Rate(float):
     """A proportion that remembers its counts (``k`` of ``n``), so every table can print its Wilson 95% interval."""
 
@@ -451,13 +462,14 @@ DECOR_STEPS = 1500  # 7.5x the other method sections' LoRAs, on near-identical r
 # states are arbitrary there), one in it (an object the prompts never name)
 DECOR_UNRELATED = (("unrelated (out of vocabulary)", "a photo of a cat sleeping on a sofa"),
                    ("unrelated (in vocabulary)", "a small red star on the left"))
-DECOR_DEFAULT = ("all-but-bos", "1", 1.0, "null", "")  # rows, k, α, reference, keep ("": the LoRA's trigger, kavo)
-DECOR_GRID = [("all-but-bos", "1", 1.0, "null", "none"),  # the previous default: nothing protected
-              DECOR_DEFAULT, ("all-but-bos", "1", 1.0, "null", "kavo emblem")]
+DECOR_DEFAULT = ("words", "1", 1.0, "null", "")  # rows, k, α, reference, keep ("": the LoRA's trigger, kavo)
+DECOR_PREVIOUS = ("all-but-bos", "1", 1.0, "null", "")  # the default until bench/decor_defaults.py measured it
+DECOR_GRID = [("all-but-bos", "1", 1.0, "null", "none"),  # the default before that: nothing protected
+              DECOR_PREVIOUS, DECOR_DEFAULT]
 
 
 DECOR_STYLE = "flat"  # the style of every DreamBooth reference (studio.toyworld.reference_scenes)
-DECOR_STYLE_GRID = [DECOR_DEFAULT, ("words", "1", 1.0, "null", "")]
+DECOR_STYLE_GRID = [DECOR_DEFAULT, DECOR_PREVIOUS]
 
 
 def _decor_label(what: str, rows: str, k: str, a: float, ref: str, keep: str, prefix: str = "") -> str:
@@ -475,20 +487,20 @@ def _decor_conds(path: Path, phrases, grid, prefix: str = "") -> list:
     return conds
 
 
-def _decor_style_setup(ctx: "Context") -> tuple[list, list, list]:
+def _decor_style_setup(ctx: "Context", s: str = DECOR_SUBJECT, grid=None, phrases=None) -> tuple[list, list, list]:
     """The style-leak part of the DECOR section: the subject's DreamBooth LoRA, one prompt per other style."""
     import random as _random
 
-    path = _db_lora(ctx, DECOR_SUBJECT)
-    rng = _random.Random(f"decor-style-{ctx.seed}")
-    s = DECOR_SUBJECT
+    path = _db_lora(ctx, s)
+    rng = _random.Random(f"decor-style-{ctx.seed}" + ("" if s == DECOR_SUBJECT else f"-{s}"))
     scenes = []
     for st in [x for x in tw.STYLES if x != DECOR_STYLE]:
         c = tw._pick(rng, tw.COLOR_NAMES, exclude=(tw.SUBJECTS[s]["primary"], tw.SUBJECTS[s]["secondary"]))
         scenes.append(tw.Scene((tw.Obj(s, tw.SUBJECTS[s]["primary"], "large", "center"),), rng.choice(tw.BACKGROUNDS),
                                c, st, rng.randrange(2**31)))
     conds = [("style leak: LoRA, DECOR off", [_ref(path)], None)]
-    conds += _decor_conds(path, (("leaked", f"{DECOR_STYLE} style"), *DECOR_UNRELATED), DECOR_STYLE_GRID, "style leak: ")
+    conds += _decor_conds(path, phrases or (("leaked", f"{DECOR_STYLE} style"), *DECOR_UNRELATED),
+                          grid or DECOR_STYLE_GRID, "style leak: ")
     return conds, [tw.caption(sc) for sc in scenes], scenes
 
 
@@ -516,14 +528,12 @@ def _decor_rows(ctx: "Context", prompts: list, scenes: list, conds: list, judge_
     return grid
 
 
-def section_decor(ctx: Context) -> dict:
-    """DECOR: leakage of the references' shared background into new-background prompts (a LoRA trained to leak it) and
-    of the references' style into new-style prompts (the DreamBooth section's LoRA), per basis rows / components /
-    strength / keep, removing the leaked phrase and, as a control, phrases unrelated to the subject."""
+def _decor_bg_setup(ctx: "Context", grid=None) -> tuple[list, list, list, list, str, int]:
+    """The background-leak part of the DECOR section: a LoRA trained to leak its references' background, one prompt
+    per other background. Returns (conditions, prompts, scenes, reference images, leaked phrase, training steps)."""
     import random as _random
 
     ws = _workspace(ctx)
-    per = ctx.per_prompt
     bg, bgc = DECOR_BG
     # one reference scene rendered 4 times (only the render seed differs): uniform references, which leak most
     first = tw.reference_scenes(DECOR_SUBJECT, 1, seed=0)[0].with_(background=bg, bg_color=bgc)
@@ -540,9 +550,18 @@ def section_decor(ctx: Context) -> dict:
         c = tw._pick(rng, tw.COLOR_NAMES, exclude=(bgc, tw.SUBJECTS[DECOR_SUBJECT]["primary"], tw.SUBJECTS[DECOR_SUBJECT]["secondary"]))
         scenes.append(tw.Scene((tw.Obj(DECOR_SUBJECT, tw.SUBJECTS[DECOR_SUBJECT]["primary"], "large", "center"),), b, c, "flat",
                                rng.randrange(2**31)))
-    prompts = [tw.caption(s) for s in scenes]
     conds = [("base model (no LoRA)", [], None), ("LoRA, DECOR off", [_ref(path)], None)]
-    conds += _decor_conds(path, (("leaked", leaked), *DECOR_UNRELATED), DECOR_GRID)
+    conds += _decor_conds(path, (("leaked", leaked), *DECOR_UNRELATED), grid or DECOR_GRID)
+    return conds, [tw.caption(s) for s in scenes], scenes, refs, leaked, steps
+
+
+def section_decor(ctx: Context) -> dict:
+    """DECOR: leakage of the references' shared background into new-background prompts (a LoRA trained to leak it) and
+    of the references' style into new-style prompts (the DreamBooth section's LoRA), per basis rows / components /
+    strength / keep, removing the leaked phrase and, as a control, phrases unrelated to the subject."""
+    per = ctx.per_prompt
+    bg, bgc = DECOR_BG
+    conds, prompts, scenes, refs, leaked, steps = _decor_bg_setup(ctx)
 
     def bg_cols(p, sc):
         ok = p["background"] == sc.background and p["bg_color"] == sc.bg_color
@@ -841,7 +860,7 @@ def what_would_change(name: str, sec: dict) -> list[str]:
                 compare_line(f"style leak: {col}, {what} removed ({label})",
                              g(f"{_decor_label(what, *spec, 'style leak: ')}: {col}"), "DECOR off",
                              g(f"style leak: {off}: {col}"))
-                for label, spec in (("default", DECOR_DEFAULT), ("rows=words", DECOR_STYLE_GRID[1]))
+                for label, spec in (("default", DECOR_DEFAULT), ("previous default", DECOR_PREVIOUS))
                 for what, col in (("leaked", "leakage (ref style)"), *((w, "subject fidelity") for w, _ in DECOR_UNRELATED))]
     if name == "composition":
         return [compare_line(f"{e} each in its region", g(f"{e}: each in its region"), "merge",

@@ -193,7 +193,7 @@ def _refuse_overwrite(path: Path, overwrite: bool, ws) -> None:
 
 
 def cmd_decor(args) -> int:
-    from .decor import analyze, decor_basis, encode_for_decor, rows_mask
+    from .decor import DEFAULT_ROWS, analyze, decor_basis, encode_for_decor, rows_mask
     from .models import load_pipeline
 
     pipe = load_pipeline(args.model, device=args.device)
@@ -202,7 +202,7 @@ def cmd_decor(args) -> int:
     if args.remove:
         rem = encode_for_decor(pipe, args.remove)
         diff = rem.embeds - encode_for_decor(pipe, "").embeds  # the default reference "null": what the text adds
-        mask = rows_mask(rem.kinds[0], "all-but-bos")
+        mask = rows_mask(rem.kinds[0], DEFAULT_ROWS)
         widths = rem.encoder_widths or [rem.embeds.shape[-1]]
         bases, start = [], 0
         for w in widths:

@@ -160,7 +160,7 @@ class GenerateConfig:
     decor_remove: str = _f("", "DECOR: text whose meaning is projected out of the prompt embeddings (empty: off).")
     decor_strength: float = _f(1.0, "DECOR strength alpha in [0, 1].")
     decor_components: str = _f("1", "DECOR: number of components k, or 'auto' (90% of the removed text's energy).")
-    decor_rows: str = _f("all-but-bos", "DECOR: token rows of the removed text that build its directions (and rows of the "
+    decor_rows: str = _f("words", "DECOR: token rows of the removed text that build its directions (and rows of the "
                                         "prompt that are projected).", choices=["words", "words+eos", "all-but-bos"],
                          advanced=True)
     decor_reference: str = _f("null", "DECOR: 'null' builds the directions from what the removed text adds to the empty "

@@ -24,9 +24,11 @@ the projection formula above, X~ being the embedding matrix of the undesired tex
 X = [X_w; X_PAD] (word-token rows plus the padding rows up to l = 77, i.e. the encoder *output*), inference-only use,
 and that alpha controls the projection degree. Everything below is a documented choice, exposed as a parameter:
 
-* Rows (``DecorSpec.rows``, default ``"all-but-bos"``): the same row set selects the rows of X~ that build the basis and
-  the rows of X that are projected. ``"all-but-bos"`` (words, EOS and padding) is the closest reading of the paper's
-  X = [X_w; X_PAD]; ``"words"`` and ``"words+eos"`` are narrower alternatives. The BOS row (index 0) never drives the
+* Rows (``DecorSpec.rows``, default ``"words"``; our deviation, measured): the same row set selects the rows of X~ that
+  build the basis and the rows of X that are projected. ``"all-but-bos"`` (words, EOS and padding) is the closest
+  reading of the paper's X = [X_w; X_PAD]; ``"words"`` and ``"words+eos"`` are narrower. ``"words"`` is the default
+  because it costs the subject least (see "How the defaults were chosen"): the EOS and padding rows summarise the
+  whole prompt, so projecting them moves what every word of the prompt asked for. The BOS row (index 0) never drives the
   basis and is never altered, whatever the choice: in CLIP it is identical for every prompt (causal attention) and has
   a very large norm, so it would dominate the SVD and projecting it would damage every prompt. This deviates from a
   literal X~ that included BOS, if the paper did (its X = [X_w; X_PAD] suggests it did not).
@@ -58,9 +60,18 @@ and that alpha controls the projection degree. Everything below is a documented 
   encoders' vocabulary) or "a small red star on the left" (in it) costs 56.2% -> 50.0% each: 6.2 points, so the goal
   (at most 5) is **not met**, by one image of 64 and within noise (previous default: 21.9 points out of vocabulary).
   The toy model reacts strongly to any change of its conditioning, so real models may differ. Re-measured on
-  toy-xl at 7,000 steps (bench/README.md, DECOR): no LoRA found leaks the background; the DreamBooth LoRA's flat style
-  leaks (25%) and removing "flat style" leaves it at 25% with every setting tried, while ``rows="words"`` cost less on
-  the in-vocabulary unrelated phrase (-3.1 vs -15.6 points, one LoRA at 32 images: not enough to change the default).
+  toy-xl at 7,000 steps with ``bench/decor_defaults.py`` (five subjects' DreamBooth LoRAs, all references flat style,
+  prompts asking for the four other styles, 160 images per setting, each paired with its seed's image without DECOR):
+  rows ``"words"`` (now the default) costs +3.1 [-0.9, +7.2] points of subject fidelity removing the out-of-vocabulary
+  phrase and -1.2 [-3.7, +1.2] removing the in-vocabulary one, where ``"all-but-bos"`` (the previous default) costs
+  0.0 and -8.8 [-14.3, -3.2]. Removing the leaked "flat style" (or "flat") changes the flat leak (11.2% with DECOR off)
+  by -0.6 / -1.2 points with ``"words"`` (no measurable change) and *raises* it by +5.6 / +6.2 with ``"all-but-bos"``:
+  the EOS and padding rows carry the prompt's own "hatched style", which shares the "style" direction, so projecting
+  them weakens the style the prompt asks for. No setting tried lowers this leak: it lives in the UNet LoRA's response
+  to the trigger's rows, which no text direction of "flat style" removes. On the bench's background LoRA (64 paired
+  images) ``"words"`` halves the purple leak removing the leaked phrase (20.3% -> 10.9%), but removing an unrelated
+  phrase lowers it as much. Pooled over the six LoRAs, ``"words"`` costs +3.6 / -3.6 points of subject fidelity
+  (out of / in vocabulary; the previous default -0.4 / -10.3): within the issue's 5 points.
 * SDXL (``per_encoder``, default True): SDXL's prompt embedding is the concatenation of CLIP-L (768) and OpenCLIP bigG
   (1280) penultimate hidden states. With ``per_encoder`` each encoder's column block gets its own basis from its own
   columns of X~ (the two encoders live in unrelated spaces); otherwise one basis over the full 2048 width. Unverified
@@ -102,7 +113,7 @@ _ROWS_KINDS = {
     "words+eos": (KIND_WORD, KIND_EOS),
     "all-but-bos": (KIND_WORD, KIND_EOS, KIND_PAD),
 }
-DEFAULT_ROWS = "all-but-bos"
+DEFAULT_ROWS = "words"
 REFERENCE_CHOICES = ("null", "none")
 DEFAULT_REFERENCE = "null"
 DEFAULT_COMPONENTS = 1
@@ -836,7 +847,7 @@ def analyze(
     tokens: Sequence[str] | None = None,
     k: int = 8,
     *,
-    rows: str = DEFAULT_ROWS,
+    rows: str = "all-but-bos",  # the whole embedding, padding included (the paper's analysis), whatever DEFAULT_ROWS
     encoder_widths: Sequence[int] | None = None,
     remove_bases: Sequence[torch.Tensor] | None = None,
     prompt: str | None = None,

@@ -20,7 +20,7 @@ def test_decor_changes_image_is_deterministic_and_alpha0_is_exact(fixture, reque
     with_decor = _img(pipe, decor_remove="blue striped background", decor_strength=1.0)
     again = _img(pipe, decor_remove="blue striped background", decor_strength=1.0)
     zero = _img(pipe, decor_remove="blue striped background", decor_strength=0.0)
-    assert np.abs(with_decor - plain).mean() > 0.5
+    assert np.abs(with_decor - plain).mean() > 0.1  # the default projects the word rows only: a small change here
     assert np.array_equal(with_decor, again)
     assert np.array_equal(zero, plain)
 
@@ -86,13 +86,13 @@ def test_null_reference_builds_the_basis_from_what_the_text_adds(fixture, reques
 
 
 def test_decor_defaults_agree_across_configs():
-    """The measured defaults (bench/README.md, DECOR): rows all-but-bos, k = 1, alpha = 1, reference null, the same in
+    """The measured defaults (bench/README.md, DECOR; bench/decor_defaults.py): rows words, k = 1, alpha = 1, reference null, the same in
     DecorSpec, GenerateConfig (CLI, UI) and CompositionSpec."""
     from studio import decor
     from studio.composition import CompositionSpec
 
     spec = decor.DecorSpec(remove="x")
-    assert (spec.rows, spec.components, spec.strength, spec.reference, spec.keep) == ("all-but-bos", 1, 1.0, "null", "")
+    assert (spec.rows, spec.components, spec.strength, spec.reference, spec.keep) == ("words", 1, 1.0, "null", "")
     g = GenerateConfig.__dataclass_fields__
     assert g["decor_rows"].default == spec.rows and g["decor_reference"].default == spec.reference
     assert g["decor_keep"].default == spec.keep  # empty: generate protects the LoRAs' trigger phrases

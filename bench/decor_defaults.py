@@ -1,0 +1,125 @@
+"""Which DECOR setting to make the default (issue 16), measured on several subject LoRAs with paired seeds.
+
+For each subject: the quality bench's DreamBooth LoRA (``bench/quality.py`` ``_db_lora``: 4 captioned references,
+all in the flat style, 600 steps) and the DECOR section's style-leak prompts (the subject, large and centred, in each
+of the four other styles). Every condition generates the same seeds, so each image has a twin without DECOR and the
+cost of a setting is a **paired** difference (images that lose the subject minus images that gain it), far tighter
+than two independent rates. Per setting and removed phrase (the leaked "flat style"; the bench's two unrelated
+phrases), pooled over the subjects:
+
+* subject fidelity change in points, with a 95% interval for a paired difference (Wald on the discordant pairs);
+* the flat-style leak and the prompt's style, with DECOR off and on.
+
+``--leak background``: the same on the DECOR section's other LoRA (kavo, no captions, 1,500 steps on one purple
+checkered scene rendered 4 times; it leaks the purple), its four new-background prompts and its leaked phrase.
+
+The issue's goal for the default: removing an unrelated phrase costs at most 5 points of subject fidelity, and removing
+the leaked phrase lowers the leak. Prints a table and writes ``decor_defaults_<leak>.json``.
+
+Usage::
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/decor_defaults.py --out bench/results
+    OMP_NUM_THREADS=1 .venv/bin/python bench/decor_defaults.py --leak background --per-prompt 16 --settings 0,1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import quality as Q  # noqa: E402  (bench/quality.py: the toy world's judge, training and generation helpers)
+
+SETTINGS = [  # rows, components, strength, reference, keep ("": the LoRA's trigger): DecorSpec's fields
+    ("all-but-bos", "1", 1.0, "null", ""),  # the default
+    ("words", "1", 1.0, "null", ""),
+    ("words+eos", "1", 1.0, "null", ""),
+    ("all-but-bos", "1", 0.5, "null", ""),
+    ("all-but-bos", "1", 1.0, "null", "none"),
+    ("words", "1", 1.0, "null", "none"),
+]
+
+
+def paired(base: list[bool], new: list[bool]) -> dict:
+    """Change of a rate between twin images: points, 95% interval (Wald on the paired difference), lost/gained."""
+    n = len(base)
+    lost = sum(b and not c for b, c in zip(base, new))
+    gained = sum(c and not b for b, c in zip(base, new))
+    d = (gained - lost) / n
+    se = math.sqrt(max((lost + gained) / n - d * d, 0.0) / n)
+    return {"points": round(100 * d, 1), "ci": [round(100 * (d - 1.96 * se), 1), round(100 * (d + 1.96 * se), 1)],
+            "lost": lost, "gained": gained, "n": n}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--subjects", default="kavo,tesh,morl,quib,zeph")
+    ap.add_argument("--per-prompt", type=int, default=16, help="images per prompt (4 prompts a subject)")
+    ap.add_argument("--settings", default="", help="comma-separated row numbers of SETTINGS (default: all)")
+    ap.add_argument("--leak", choices=("style", "background"), default="style",
+                    help="style: the DreamBooth LoRAs' flat style (one LoRA per subject); background: the DECOR "
+                         "section's LoRA trained to leak its references' purple checker (kavo only)")
+    ap.add_argument("--leaked", default=f"{Q.DECOR_STYLE} style", help="style: the leaked phrase DECOR removes")
+    ap.add_argument("--no-unrelated", action="store_true", help="only the leaked phrase, not the unrelated ones")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    ctx = Q.sweep_context(args.out, args.per_prompt, args.threads)
+    out = ctx.out
+    only = {int(x) for x in args.settings.split(",") if x.strip()}
+    grid = [g for i, g in enumerate(SETTINGS) if not only or i in only]
+    subjects = [s.strip() for s in args.subjects.split(",") if s.strip()]
+    t0 = time.time()
+    flags: dict[str, dict[str, list[bool]]] = {}  # condition label -> column -> one flag per image, subjects in order
+    if args.leak == "background":
+        subjects = [Q.DECOR_SUBJECT]
+    bg, bgc = Q.DECOR_BG
+    for s in subjects:
+        phrases = (("leaked", args.leaked),) + (() if args.no_unrelated else Q.DECOR_UNRELATED)
+        if args.leak == "background":
+            conds, prompts, scenes, *_ = Q._decor_bg_setup(ctx, grid)
+            conds = [c for c in conds if c[0] != "base model (no LoRA)"]
+        else:
+            conds, prompts, scenes = Q._decor_style_setup(ctx, s, grid, phrases)
+            conds = [(label.replace("style leak: ", ""), loras, kw) for label, loras, kw in conds]
+        for label, loras, kw in conds:
+            imgs = Q._gen(ctx, prompts, loras, args.per_prompt, seed_offset=500, **(kw or {}))
+            preds = ctx.judge.predict(imgs)
+            col = flags.setdefault(label, {"subject": [], "leak": [], "prompt style": []})
+            for j, sc in enumerate(scenes):
+                for p in preds[j * args.per_prompt:(j + 1) * args.per_prompt]:
+                    col["subject"].append(p["shape"] == s)
+                    if args.leak == "background":  # the purple leaks on this base, the checker does not
+                        col["leak"].append(p["bg_color"] == bgc)
+                        col["prompt style"].append(p["background"] == sc.background and p["bg_color"] == sc.bg_color)
+                    else:
+                        col["leak"].append(p["style"] == Q.DECOR_STYLE)
+                        col["prompt style"].append(p["style"] == sc.style)
+        Q.log(f"{s}: {len(conds)} conditions, {time.time() - t0:.0f} s")
+    off = flags.pop("LoRA, DECOR off")
+    rows = [{"condition": "DECOR off", **{k: f"{100 * sum(v) / len(v):.1f}%" for k, v in off.items()}}]
+    for label, col in flags.items():
+        r = {"condition": label, **{k: f"{100 * sum(v) / len(v):.1f}%" for k, v in col.items()}}
+        for k in ("subject", "leak"):
+            pr = paired(off[k], col[k])
+            r[f"{k} change"] = f"{pr['points']:+.1f} [{pr['ci'][0]:+.1f}, {pr['ci'][1]:+.1f}] (-{pr['lost']}/+{pr['gained']})"
+        rows.append(r)
+    for r in rows:
+        print(" | ".join(str(v) for v in r.values()))
+    report = {"date": time.strftime("%Y-%m-%d %H:%M"), "leak": args.leak, "subjects": subjects, "per_prompt": args.per_prompt,
+              "images_per_condition": len(off["subject"]), "seconds": round(time.time() - t0, 1), "rows": rows}
+    print("columns: condition | subject | leak | prompt " + ("background" if args.leak == "background" else "style")
+          + " | subject change | leak change")
+    (out / f"decor_defaults_{args.leak}.json").write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
