@@ -344,10 +344,12 @@ DB_SUBJECTS = ("kavo", "tesh")
 DB_KINDS = ("plain", "plain", "background", "background", "color", "style")
 
 
-def _db_lora(ctx: "Context", subject: str) -> Path:
+def _db_lora(ctx: "Context", subject: str, **over) -> Path:
+    """The subject's DreamBooth LoRA (``over``: other DreamBoothConfig values, e.g. ``pivotal=True``)."""
     ws = _workspace(ctx)
     ds = _dataset(ws, f"refs-{subject}", tw.render_references(subject, n=4, seed=0))
-    return _train(ctx, f"db-{subject}", ds, "dreambooth", trigger=subject)
+    name = f"db-{subject}" + "".join(f"-{k}{v}" for k, v in sorted(over.items()))
+    return _train(ctx, name, ds, "dreambooth", trigger=subject, **over)
 
 
 def section_dreambooth(ctx: Context) -> dict:
@@ -487,11 +489,12 @@ def _decor_conds(path: Path, phrases, grid, prefix: str = "") -> list:
     return conds
 
 
-def _decor_style_setup(ctx: "Context", s: str = DECOR_SUBJECT, grid=None, phrases=None) -> tuple[list, list, list]:
+def _decor_style_setup(ctx: "Context", s: str = DECOR_SUBJECT, grid=None, phrases=None,
+                       **lora_over) -> tuple[list, list, list]:
     """The style-leak part of the DECOR section: the subject's DreamBooth LoRA, one prompt per other style."""
     import random as _random
 
-    path = _db_lora(ctx, s)
+    path = _db_lora(ctx, s, **lora_over)
     rng = _random.Random(f"decor-style-{ctx.seed}" + ("" if s == DECOR_SUBJECT else f"-{s}"))
     scenes = []
     for st in [x for x in tw.STYLES if x != DECOR_STYLE]:
