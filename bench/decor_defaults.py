@@ -11,7 +11,8 @@ phrases), pooled over the subjects:
 * the flat-style leak and the prompt's style, with DECOR off and on.
 
 ``--pivotal``: the DreamBooth LoRAs trained with pivotal tuning (the trigger becomes a new token whose embedding
-trains with the LoRA), so that the trigger's own embedding may carry the leak. ``--leak background``: the same on the DECOR section's other LoRA (kavo, no captions, 1,500 steps on one purple
+trains with the LoRA), so that the trigger's own embedding may carry the leak; ``--text-encoder``: LoRA layers in the
+text encoders too. ``--leak background``: the same on the DECOR section's other LoRA (kavo, no captions, 1,500 steps on one purple
 checkered scene rendered 4 times; it leaks the purple), its four new-background prompts and its leaked phrase.
 
 The issue's goal for the default: removing an unrelated phrase costs at most 5 points of subject fidelity, and removing
@@ -72,6 +73,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-unrelated", action="store_true", help="only the leaked phrase, not the unrelated ones")
     ap.add_argument("--pivotal", action="store_true",
                     help="style: DreamBooth LoRAs trained with pivotal tuning (the trigger's embedding trains too)")
+    ap.add_argument("--text-encoder", action="store_true",
+                    help="style: DreamBooth LoRAs with LoRA layers in the text encoders too (train_text_encoder)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     ctx = Q.sweep_context(args.out, args.per_prompt, args.threads)
@@ -91,7 +94,8 @@ def main(argv=None) -> int:
             conds = [c for c in conds if c[0] != "base model (no LoRA)"]
         else:
             conds, prompts, scenes = Q._decor_style_setup(ctx, s, grid, phrases,
-                                                          **({"pivotal": True} if args.pivotal else {}))
+                                                          **({"pivotal": True} if args.pivotal else {}),
+                                                          **({"train_text_encoder": True} if args.text_encoder else {}))
             conds = [(label.replace("style leak: ", ""), loras, kw) for label, loras, kw in conds]
         for label, loras, kw in conds:
             imgs = Q._gen(ctx, prompts, loras, args.per_prompt, seed_offset=500, **(kw or {}))
@@ -117,7 +121,8 @@ def main(argv=None) -> int:
         rows.append(r)
     for r in rows:
         print(" | ".join(str(v) for v in r.values()))
-    report = {"date": time.strftime("%Y-%m-%d %H:%M"), "leak": args.leak, "pivotal": args.pivotal, "subjects": subjects, "per_prompt": args.per_prompt,
+    report = {"date": time.strftime("%Y-%m-%d %H:%M"), "leak": args.leak, "pivotal": args.pivotal,
+              "text_encoder": args.text_encoder, "subjects": subjects, "per_prompt": args.per_prompt,
               "images_per_condition": len(off["subject"]), "seconds": round(time.time() - t0, 1), "rows": rows}
     print("columns: condition | subject | leak | prompt " + ("background" if args.leak == "background" else "style")
           + " | subject change | leak change")

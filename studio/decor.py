@@ -68,7 +68,8 @@ and that alpha controls the projection degree. Everything below is a documented 
   by -0.6 / -1.2 points with ``"words"`` (no measurable change) and *raises* it by +5.6 / +6.2 with ``"all-but-bos"``:
   the EOS and padding rows carry the prompt's own "hatched style", which shares the "style" direction, so projecting
   them weakens the style the prompt asks for. No setting tried lowers this leak: it lives in the UNet LoRA's response
-  to the trigger's rows, which no text direction of "flat style" removes. On the bench's background LoRA (64 paired
+  to the trigger's rows, which no text direction of "flat style" removes (with pivotal-tuned LoRAs too: -1.6 points
+  at best, 128 paired images; with text-encoder LoRA layers: +1.2 with ``"words"``, +7.5 with ``"all-but-bos"``). On the bench's background LoRA (64 paired
   images) ``"words"`` halves the purple leak removing the leaked phrase (20.3% -> 10.9%), but removing an unrelated
   phrase lowers it as much. Pooled over the six LoRAs, ``"words"`` costs +3.6 / -3.6 points of subject fidelity
   (out of / in vocabulary; the previous default -0.4 / -10.3): within the issue's 5 points.
