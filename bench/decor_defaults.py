@@ -12,8 +12,9 @@ phrases), pooled over the subjects:
 
 ``--pivotal``: the DreamBooth LoRAs trained with pivotal tuning (the trigger becomes a new token whose embedding
 trains with the LoRA), so that the trigger's own embedding may carry the leak; ``--text-encoder``: LoRA layers in the
-text encoders too. ``--leak background``: the same on the DECOR section's other LoRA (kavo, no captions, 1,500 steps on one purple
-checkered scene rendered 4 times; it leaks the purple), its four new-background prompts and its leaked phrase.
+text encoders too. ``--leak background``: the same on the DECOR section's other LoRA (kavo, no captions, 1,500 steps
+on one purple checkered scene rendered 4 times; it leaks the purple), its four new-background prompts and its leaked
+phrase.
 
 The issue's goal for the default: removing an unrelated phrase costs at most 5 points of subject fidelity, and removing
 the leaked phrase lowers the leak. Prints a table and writes ``decor_defaults_<leak>.json``.
@@ -40,8 +41,8 @@ if str(ROOT) not in sys.path:
 import quality as Q  # noqa: E402  (bench/quality.py: the toy world's judge, training and generation helpers)
 
 SETTINGS = [  # rows, components, strength, reference, keep ("": the LoRA's trigger): DecorSpec's fields
-    ("all-but-bos", "1", 1.0, "null", ""),  # the default
-    ("words", "1", 1.0, "null", ""),
+    ("all-but-bos", "1", 1.0, "null", ""),  # the previous default (the paper's rows)
+    ("words", "1", 1.0, "null", ""),  # the default this script chose
     ("words+eos", "1", 1.0, "null", ""),
     ("all-but-bos", "1", 0.5, "null", ""),
     ("all-but-bos", "1", 1.0, "null", "none"),
@@ -86,16 +87,16 @@ def main(argv=None) -> int:
     flags: dict[str, dict[str, list[bool]]] = {}  # condition label -> column -> one flag per image, subjects in order
     if args.leak == "background":
         subjects = [Q.DECOR_SUBJECT]
-    bg, bgc = Q.DECOR_BG
+    bgc = Q.DECOR_BG[1]
     for s in subjects:
         phrases = (("leaked", args.leaked),) + (() if args.no_unrelated else Q.DECOR_UNRELATED)
         if args.leak == "background":
             conds, prompts, scenes, *_ = Q._decor_bg_setup(ctx, grid)
             conds = [c for c in conds if c[0] != "base model (no LoRA)"]
         else:
-            conds, prompts, scenes = Q._decor_style_setup(ctx, s, grid, phrases,
-                                                          **({"pivotal": True} if args.pivotal else {}),
-                                                          **({"train_text_encoder": True} if args.text_encoder else {}))
+            lora_over = {**({"pivotal": True} if args.pivotal else {}),
+                         **({"train_text_encoder": True} if args.text_encoder else {})}
+            conds, prompts, scenes = Q._decor_style_setup(ctx, s, grid, phrases, **lora_over)
             conds = [(label.replace("style leak: ", ""), loras, kw) for label, loras, kw in conds]
         for label, loras, kw in conds:
             imgs = Q._gen(ctx, prompts, loras, args.per_prompt, seed_offset=500, **(kw or {}))
@@ -117,7 +118,8 @@ def main(argv=None) -> int:
         r = {"condition": label, **{k: f"{100 * sum(v) / len(v):.1f}%" for k, v in col.items()}}
         for k in ("subject", "leak"):
             pr = paired(off[k], col[k])
-            r[f"{k} change"] = f"{pr['points']:+.1f} [{pr['ci'][0]:+.1f}, {pr['ci'][1]:+.1f}] (-{pr['lost']}/+{pr['gained']})"
+            lo, hi = pr["ci"]
+            r[f"{k} change"] = f"{pr['points']:+.1f} [{lo:+.1f}, {hi:+.1f}] (-{pr['lost']}/+{pr['gained']})"
         rows.append(r)
     for r in rows:
         print(" | ".join(str(v) for v in r.values()))

@@ -310,7 +310,8 @@ def train_vae(vae, st: State, args, device, deadline: float) -> bool:
         z = post.sample(generator=g)
         loss = _rec_loss(vae.decode(z).sample, x, args.vae_edge) + 1e-6 * post.kl().mean() / post.mean[0].numel()
         if se:  # decode the 2x-downsampled latent to the 2x-downsampled image: no latent detail finer than the image's
-            loss = loss + args.vae_se * _rec_loss(vae.decode(F.avg_pool2d(z, 2)).sample, F.avg_pool2d(x, 2), args.vae_edge)
+            small = vae.decode(F.avg_pool2d(z, 2)).sample
+            loss = loss + args.vae_se * _rec_loss(small, F.avg_pool2d(x, 2), args.vae_edge)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -630,7 +631,8 @@ def main(argv=None) -> int:
     ap.add_argument("--vae-crop", action="store_true", help="train the VAE on aligned 32x32 crops (CPU)")
     ap.add_argument("--vae-edge", type=float, default=1.0, help="weight of the image-gradient L1 term")
     ap.add_argument("--vae-se-steps", type=int, default=0,
-                    help="fine-tune the VAE so many steps more with the scale-equivariance term (Skorokhodov et al. 2025)")
+                    help="fine-tune the VAE so many steps more with the scale-equivariance term "
+                         "(Skorokhodov et al. 2025)")
     ap.add_argument("--vae-se", type=float, default=1.0, help="weight of the scale-equivariance term when fine-tuning")
     ap.add_argument("--vae-se-lr", type=float, default=1e-4, help="peak lr of the scale-equivariance fine-tuning")
     ap.add_argument("--vae-from", default=None, help="reuse the VAE of a saved pipeline folder (skip stage 1)")
@@ -695,8 +697,8 @@ def main(argv=None) -> int:
                 (out / "vae_info.json").write_text(json.dumps(info, indent=2) + "\n")
             return AGAIN
         st.meta["vae"] = {"steps": st.meta["vae_step"], "minutes": round(st.meta["vae_minutes"], 2),
-                          **({"scale_equivariance": {"steps": args.vae_se_steps, "weight": args.vae_se, "lr": args.vae_se_lr}}
-                             if args.vae_se_steps else {}),
+                          **({"scale_equivariance": {"steps": args.vae_se_steps, "weight": args.vae_se,
+                                                     "lr": args.vae_se_lr}} if args.vae_se_steps else {}),
                           **finish_vae(vae, args, device)}
         vae.to("cpu").save_pretrained(st.dir / "vae")
         vae.to(device)

@@ -28,9 +28,9 @@ and that alpha controls the projection degree. Everything below is a documented 
   build the basis and the rows of X that are projected. ``"all-but-bos"`` (words, EOS and padding) is the closest
   reading of the paper's X = [X_w; X_PAD]; ``"words"`` and ``"words+eos"`` are narrower. ``"words"`` is the default
   because it costs the subject least (see "How the defaults were chosen"): the EOS and padding rows summarise the
-  whole prompt, so projecting them moves what every word of the prompt asked for. The BOS row (index 0) never drives the
-  basis and is never altered, whatever the choice: in CLIP it is identical for every prompt (causal attention) and has
-  a very large norm, so it would dominate the SVD and projecting it would damage every prompt. This deviates from a
+  whole prompt, so projecting them moves what every word of the prompt asked for. The BOS row (index 0) never drives
+  the basis and is never altered, whatever the choice: in CLIP it is identical for every prompt (causal attention) and
+  has a very large norm, so it would dominate the SVD and projecting it would damage every prompt. This deviates from a
   literal X~ that included BOS, if the paper did (its X = [X_w; X_PAD] suggests it did not).
 * Reference (``DecorSpec.reference``, default ``"null"``; our deviation): the basis is built from X~ - X~_null, the
   removed text's rows minus the empty prompt's rows at the same positions, i.e. from what the text *adds*. CLIP's
@@ -69,10 +69,11 @@ and that alpha controls the projection degree. Everything below is a documented 
   the EOS and padding rows carry the prompt's own "hatched style", which shares the "style" direction, so projecting
   them weakens the style the prompt asks for. No setting tried lowers this leak: it lives in the UNet LoRA's response
   to the trigger's rows, which no text direction of "flat style" removes (with pivotal-tuned LoRAs too: -1.6 points
-  at best, 128 paired images; with text-encoder LoRA layers: +1.2 with ``"words"``, +7.5 with ``"all-but-bos"``). On the bench's background LoRA (64 paired
-  images) ``"words"`` halves the purple leak removing the leaked phrase (20.3% -> 10.9%), but removing an unrelated
-  phrase lowers it as much. Pooled over the six LoRAs, ``"words"`` costs +3.6 / -3.6 points of subject fidelity
-  (out of / in vocabulary; the previous default -0.4 / -10.3): within the issue's 5 points.
+  at best, 128 paired images; with text-encoder LoRA layers: +1.2 with ``"words"``, +7.5 with ``"all-but-bos"``).
+  On the bench's background LoRA (64 paired images) ``"words"`` halves the purple leak removing the leaked phrase
+  (20.3% -> 10.9%), but removing an unrelated phrase lowers it as much. Pooled over the six LoRAs, ``"words"`` costs
+  +3.6 / -3.6 points of subject fidelity (out of / in vocabulary; the previous default -0.4 / -10.3): within the
+  issue's 5 points.
 * SDXL (``per_encoder``, default True): SDXL's prompt embedding is the concatenation of CLIP-L (768) and OpenCLIP bigG
   (1280) penultimate hidden states. With ``per_encoder`` each encoder's column block gets its own basis from its own
   columns of X~ (the two encoders live in unrelated spaces); otherwise one basis over the full 2048 width. Unverified
