@@ -217,6 +217,7 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str,
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_ = f.metadata.get("help", "") + (f" (default: {default})" if default not in ("", [], None) else "")
+        help_ = help_.replace("%", "%%")  # argparse formats help with %: "90%" must not become a format directive
         if tp is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=help_)
         elif tp is list:

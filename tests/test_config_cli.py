@@ -1,3 +1,5 @@
+import argparse
+
 import pytest
 
 from studio.cli import build_parser
@@ -40,6 +42,25 @@ def test_cli_flags_come_from_config():
     assert (cfg.rank, cfg.center_crop, cfg.prior_preservation, cfg.prompt()) == (8, False, True, "a photo of zwx dog")
     help_text = build_parser(["train"])._subparsers._group_actions[0].choices["train"].format_help()
     assert "min-SNR" in help_text and "--snr-gamma" in help_text
+
+
+def _subparsers(parser):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield name, sub
+                yield from ((f"{name} {n}", s) for n, s in _subparsers(sub))
+
+
+@pytest.mark.parametrize("method", ["dreambooth", "blora", "orthogonal"])
+def test_every_help_page_renders(method):
+    """`studio <command> --help` of every command and sub-command formats (a bare '%' in a help text broke it)."""
+    parser = build_parser(["train", "--method", method])
+    pages = dict(_subparsers(parser))
+    assert {"train", "generate", "compose", "lora convert", "decor analyze"} <= set(pages)
+    for name, sub in pages.items():
+        assert sub.format_help(), name
+    assert "(90% of the removed text" in " ".join(pages["generate"].format_help().split())
 
 
 def test_cli_reports_errors_without_traceback(capsys, tmp_path):
