@@ -53,7 +53,8 @@ def cmd_train(args) -> int:
     controls = Controls()
     signal.signal(signal.SIGINT, lambda *_: controls.stop.set())  # Ctrl+C: stop and save what we have
     result = run_safely(lambda: train(cfg, recipe, ws, events=_print_event, controls=controls), None)
-    print(json.dumps({"status": result.status, "step": result.step, "outputs": [str(p) for p in result.outputs]}))
+    print(json.dumps({"status": result.status, "step": result.step, "trigger": getattr(cfg, "trigger", ""),
+                      "outputs": [str(p) for p in result.outputs]}))
     return 0 if result.status == "succeeded" else 130
 
 

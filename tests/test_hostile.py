@@ -488,6 +488,9 @@ def test_cli_train_overwrite_moves_the_old_lora_to_trash(ws, capsys):
     args = ["train", "--name", "o", "--images", str(EXAMPLES), "--model", "tiny-sd", "--steps", "1", "--rank", "2",
             "--sample-steps", "1"]
     assert _cli(*args, ws=ws) == 0
+    out = capsys.readouterr().out  # the picked trigger is named before training and in the final JSON
+    trigger = json.loads(out.strip().splitlines()[-1])["trigger"]
+    assert trigger and f"[loading] trigger {trigger!r}: prompt with e.g. 'a photo of {trigger}'" in out
     old = ws.lora_path("o").read_bytes()
     assert _cli(*args, "--overwrite", "--seed", "3", ws=ws) == 0
     trashed = list((ws.root / "trash").glob("o-*/o.safetensors"))

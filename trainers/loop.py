@@ -431,6 +431,7 @@ def _run(cfg: TrainConfig, recipe: Recipe, ws: Workspace, pipe, events: Events |
         cfg.trigger = unique_trigger(ws, cfg.name, new_token=cfg.pivotal)  # one rare token per LoRA, unlike the library's
     if cfg.pivotal:
         E.check_token(cfg.trigger)
+    _emit(events, type="phase", phase="loading", detail=f"trigger {cfg.trigger!r}: prompt with e.g. {cfg.prompt()!r}")
     _emit(events, type="phase", phase="loading", detail="validating images")
     refs = D.load_dataset(ws.resolve_dataset(cfg.images), use_captions=cfg.use_captions)
     names = check_targets(cfg, ws)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 HINTS_FILE = "studio.json"
 GENERIC = {
-    "placeholders": {"name": "my-dog", "trigger": "zwx", "class_word": "dog", "prompt": "a photo of zwx dog on a beach",
+    "placeholders": {"name": "my-dog", "trigger": "empty: picked for you", "class_word": "dog", "prompt": "a photo of ohwx dog on a beach",
                      "negative_prompt": "blurry, low quality", "decor_remove": "e.g. the background of the reference images"},
     "examples": ["a photo of a corgi on a beach, golden hour", "a watercolor painting of a lighthouse at dusk",
                  "a red vintage car parked in a snowy street, photo"],
