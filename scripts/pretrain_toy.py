@@ -268,6 +268,15 @@ def render_pool(n: int, seed: int, workers: int, two_object_prob: float = 0.25) 
     return tw.render_array(scenes, workers), [tw.caption(s) for s in scenes]
 
 
+def bank_minutes(st: "State", key: str, since: float) -> float:
+    """Add the minutes since ``since`` to ``st.meta[key]`` and return now: called at every checkpoint, so a sitting
+    that is killed keeps the minutes of the steps it saved (steps after the last checkpoint are redone, and
+    their minutes are not counted)."""
+    now = time.time()
+    st.meta[key] = st.meta.get(key, 0.0) + (now - since) / 60
+    return now
+
+
 def to_float(x_uint8: torch.Tensor) -> torch.Tensor:
     return x_uint8.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
@@ -296,6 +305,7 @@ def train_vae(vae, st: State, args, device, deadline: float) -> bool:
         log(f"VAE: resumed at step {step}")
     vae.train()
     t0, t_ck, ema_loss = time.time(), time.time(), None
+    t_acc = t0  # minutes banked into st.meta["vae_minutes"] up to here
     total = args.vae_steps + args.vae_se_steps
     while step < total and time.time() < deadline:
         se = step >= args.vae_steps  # the scale-equivariance fine-tuning that follows the main schedule
@@ -326,12 +336,12 @@ def train_vae(vae, st: State, args, device, deadline: float) -> bool:
         if time.time() - t_ck > args.ckpt_minutes * 60:
             st.save("vae_train", pack_training(params, opt, g))
             st.meta["vae_step"] = step
+            t_acc = bank_minutes(st, "vae_minutes", t_acc)
             st.save_meta()
             t_ck = time.time()
     st.save("vae_train", pack_training(params, opt, g))
     st.meta["vae_step"] = step
-    st.meta.setdefault("vae_minutes", 0.0)
-    st.meta["vae_minutes"] += (time.time() - t0) / 60
+    bank_minutes(st, "vae_minutes", t_acc)
     st.save_meta()
     vae.eval()
     return step >= total
@@ -474,10 +484,13 @@ def train_unet(unet, te1, te2, cache, st: State, args, device, scaling: float, d
     for m in modules:
         m.train()
     t0, t_ck, ema_loss, step0 = time.time(), time.time(), None, step
+    t_acc = t0  # minutes banked into st.meta["unet_minutes"] up to here
 
     def checkpoint():
+        nonlocal t_acc
         st.save("unet_train", pack_training(params, opt, g, ema))
         st.meta["unet_step"] = step
+        t_acc = bank_minutes(st, "unet_minutes", t_acc)
         st.save_meta()
 
     gv = torch.Generator(device).manual_seed(12345)  # a fixed batch: 256 cached scenes, noise and timesteps
@@ -519,7 +532,7 @@ def train_unet(unet, te1, te2, cache, st: State, args, device, scaling: float, d
                 p.copy_(b_)
         for m in modules:
             m.train()
-        minutes = round(st.meta.get("unet_minutes", 0.0) + (time.time() - t0) / 60, 1)
+        minutes = round(st.meta.get("unet_minutes", 0.0) + (time.time() - t_acc) / 60, 1)
         st.meta.setdefault("probes", []).append({"step": step, "unet_minutes": minutes, **res})
         log(f"probe at step {step} ({minutes} min, {time.time() - tp:.0f} s): {res}")
 
@@ -572,8 +585,6 @@ def train_unet(unet, te1, te2, cache, st: State, args, device, scaling: float, d
     if args.probe_minutes and (st.meta.get("probes") or [{}])[-1].get("step") != step:
         run_probe()
     checkpoint()
-    st.meta.setdefault("unet_minutes", 0.0)
-    st.meta["unet_minutes"] += (time.time() - t0) / 60
     st.meta["unet_final_loss"] = ema_loss
     st.save_meta()
     with torch.no_grad():  # the saved model is the EMA

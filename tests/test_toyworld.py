@@ -281,6 +281,40 @@ def test_pretrain_toy_scale_equivariance_fine_tune(tmp_path):
     assert any(not torch.equal(weights["0"][k], weights["1"][k]) for k in weights["0"])
 
 
+@pytest.mark.slow
+def test_pretrain_toy_killed_sitting_keeps_its_minutes(tmp_path, monkeypatch):
+    """A sitting killed mid-schedule (no clean end) still leaves the minutes of every checkpointed step in the state,
+    so ``training_info.json`` adds up the whole chain, not only the sittings that ended cleanly."""
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("pretrain_toy", ROOT / "scripts" / "pretrain_toy.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    real_lr, calls = mod.unet_lr, []
+
+    def killed_at_second_step(*a):
+        calls.append(a)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # stands for SIGTERM/SIGKILL: nothing after this line of the loop runs
+        return real_lr(*a)
+
+    monkeypatch.setattr(mod, "unet_lr", killed_at_second_step)
+    state = tmp_path / "state"
+    torch_threads = torch.get_num_threads()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            mod.main(["--out", str(tmp_path / "toy"), "--state", str(state), "--vae-steps", "2", "--vae-batch", "2",
+                      "--vae-pool", "8", "--vae-channels", "4", "--eval-n", "0", "--n-scenes", "8", "--batch", "2",
+                      "--unet-steps", "5", "--ckpt-minutes", "0", "--probe-minutes", "0"])
+    finally:
+        torch.set_num_threads(torch_threads)
+    saved = json.loads((state / "state.json").read_text())
+    assert saved["unet_step"] == 1 and saved["stage"] == "unet"  # the one step that finished was checkpointed
+    assert saved["unet_minutes"] > 0 and saved["vae_minutes"] > 0
+
+
 def test_pretrain_toy_lr_restart_schedule():
     """The committed toy-xl's schedule (``--unet-steps 7000 --lr-restart 4500``): a cosine that ends at 5% of the lr
     at step 4,500, then a warm restart that follows the 7,000-step cosine (SGDR-like); without a restart, one cosine."""
