@@ -316,8 +316,9 @@ def test_pretrain_toy_killed_sitting_keeps_its_minutes(tmp_path, monkeypatch):
 
 
 def test_pretrain_toy_lr_restart_schedule():
-    """The committed toy-xl's schedule (``--unet-steps 7000 --lr-restart 4500``): a cosine that ends at 5% of the lr
-    at step 4,500, then a warm restart that follows the 7,000-step cosine (SGDR-like); without a restart, one cosine."""
+    """The warm-restart schedule (``--unet-steps 7000 --lr-restart 4500``, the toy-xl before session 11): a cosine that
+    ends at 5% of the lr at step 4,500, then a warm restart that follows the 7,000-step cosine (SGDR-like); without a
+    restart, one cosine. The committed toy-xl is the script's default recipe: 14,000 steps, the restart at 9,000."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("pretrain_toy", ROOT / "scripts" / "pretrain_toy.py")
@@ -330,4 +331,7 @@ def test_pretrain_toy_lr_restart_schedule():
     assert all(lr(s, 0) == mod.lr_at(s, 7000, 1e-3, 500) for s in (0, 100, 3000, 4500, 6999))
     assert lr(10) < lr(400) and max(lr(s) for s in range(0, 4500, 50)) <= 1e-3
     info = json.loads((ROOT / "assets" / "toy-xl" / "training_info.json").read_text())
-    assert info["unet"]["steps"] == info["unet"]["target_steps"] == 7000 and info["unet"]["lr_restart"] == 4500
+    assert info["unet"]["steps"] == info["unet"]["target_steps"] == 14000 and info["unet"]["lr_restart"] == 9000
+    d = mod.build_parser().parse_args([])  # the documented one command (no options) is the committed run's recipe
+    assert (d.unet_steps, d.lr_restart, d.vae_steps, d.vae_crop, d.threads) == (14000, 9000, 12000, True, 2)
+    assert info["vae"]["steps"] == d.vae_steps and info["unet"]["batch"] == d.batch and info["unet"]["lr"] == d.lr
