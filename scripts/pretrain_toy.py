@@ -240,13 +240,21 @@ def unpack_training(saved: dict, params, opt, gen: torch.Generator, ema=None) ->
     gen.set_state(saved["rng"])
 
 
-def unet_lr(step: int, total: int, base: float, restart: int = 0) -> float:
+def unet_lr(step: int, total: int, base: float, restart: int | list[int] = 0) -> float:
     """The UNet stage's schedule: cosine to ``restart`` steps, then a warm restart that follows the cosine of the full
     ``total`` steps from there on (SGDR-like: at 4,500 of 7,000 the lr jumps from 5% back to ~35% of ``base``).
-    ``restart`` 0 (or >= ``total``): one cosine over ``total``."""
-    if 0 < restart < total and step < restart:
-        return lr_at(step, restart, base, min(500, restart // 10 + 1))
-    return lr_at(step, total, base, min(500, total // 10 + 1))
+    ``restart`` 0 (or >= ``total``): one cosine over ``total``. Several restarts (``[9000, 14000]``): each segment
+    follows the cosine that ends at its own end, so a finished schedule extends by one more restart without
+    changing the steps already run."""
+    ends = sorted(r for r in ([restart] if isinstance(restart, int) else restart) if 0 < r < total) + [total]
+    end = next(e for e in ends if step < e or e == total)
+    return lr_at(step, end, base, min(500, end // 10 + 1))
+
+
+def restarts_arg(text: str) -> int | list[int]:
+    """``--lr-restart``: one step (``9000``) or several (``9000,14000``)."""
+    steps = [int(x) for x in text.split(",") if x.strip()]
+    return steps[0] if len(steps) == 1 else steps
 
 
 def lr_at(step: int, total: int, base: float, warmup: int) -> float:
@@ -648,8 +656,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--vae-from", default=None, help="reuse the VAE of a saved pipeline folder (skip stage 1)")
     ap.add_argument("--eval-n", type=int, default=400, help="scenes for the judge on VAE round trips (0: skip)")
     ap.add_argument("--unet-steps", type=int, default=14000)
-    ap.add_argument("--lr-restart", type=int, default=9000,
-                    help="UNet: cosine to this step, then a warm restart on the cosine of --unet-steps (0: one cosine)")
+    ap.add_argument("--lr-restart", type=restarts_arg, default=9000,
+                    help="UNet: cosine to this step, then a warm restart on the cosine of --unet-steps (0: one cosine); "
+                         "several (9000,14000): a restart at each, every segment on the cosine that ends at its end")
     ap.add_argument("--n-scenes", type=int, default=40000, help="scenes cached for the UNet stage")
     ap.add_argument("--cache-from", default=None,
                     help="copy the cache of another state folder (made with the same --seed, --n-scenes, "

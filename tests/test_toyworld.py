@@ -330,6 +330,10 @@ def test_pretrain_toy_lr_restart_schedule():
     assert lr(6999) == pytest.approx(5e-5, rel=1e-2)
     assert all(lr(s, 0) == mod.lr_at(s, 7000, 1e-3, 500) for s in (0, 100, 3000, 4500, 6999))
     assert lr(10) < lr(400) and max(lr(s) for s in range(0, 4500, 50)) <= 1e-3
+    # a second restart extends a finished schedule without changing a step of it (``--lr-restart 4500,7000``)
+    longer = lambda s: mod.unet_lr(s, 9000, 1e-3, mod.restarts_arg("4500,7000"))  # noqa: E731
+    assert all(longer(s) == lr(s) for s in range(0, 7000, 37))
+    assert longer(7000) > 2 * lr(6999) and longer(8999) == pytest.approx(5e-5, rel=1e-2)
     info = json.loads((ROOT / "assets" / "toy-xl" / "training_info.json").read_text())
     assert info["unet"]["steps"] == info["unet"]["target_steps"] == 14000 and info["unet"]["lr_restart"] == 9000
     d = mod.build_parser().parse_args([])  # the documented one command (no options) is the committed run's recipe
