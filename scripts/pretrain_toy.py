@@ -728,6 +728,10 @@ def main(argv=None) -> int:
         st.meta["stage"] = "cache"
         st.save_meta()
     elif not args.vae_from:
+        if not (st.dir / "vae").is_dir():  # a state whose VAE came from --vae-from: resuming needs the same option
+            source = (st.meta.get("vae") or {}).get("from")
+            raise SystemExit(f"state {st.dir} has no VAE of its own" + (f": it was trained on --vae-from {source}; pass "
+                             "that option again" if source else "") + " (or use another --state / --out)")
         vae = AutoencoderKL.from_pretrained(st.dir / "vae", dtype=torch.float32).to(device)
     vae.eval().requires_grad_(False)
     if args.vae_only:

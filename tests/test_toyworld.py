@@ -245,6 +245,11 @@ def test_pretrain_toy_resumes_where_it_stopped(tmp_path):
     assert sched["timestep_spacing"] == "trailing" and info["unet"]["objective"] == "v, zero terminal SNR"
     with pytest.raises(SystemExit, match="objective"):  # a state never switches objective halfway
         mod.main(common + ["--unet-steps", "4", "--no-zero-snr"])
+    borrowed = ["--out", str(tmp_path / "toy2"), "--state", str(tmp_path / "state2"), "--vae-from", str(out),
+                "--eval-n", "0", "--n-scenes", "8", "--batch", "2", "--unet-steps", "1", "--probe-minutes", "0"]
+    assert mod.main(borrowed) == 0
+    with pytest.raises(SystemExit, match=f"--vae-from {out}"):  # resumed without the VAE it was trained on
+        mod.main([a for a in borrowed if a not in ("--vae-from", str(out))] + ["--unet-steps", "2"])
     torch.set_num_threads(torch_threads)
     from studio.models import load_pipeline
 
