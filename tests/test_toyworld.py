@@ -212,17 +212,23 @@ def test_toy_vae_keeps_what_the_judge_reads():
         assert acc[head] >= 0.85, (head, acc)
 
 
-@pytest.mark.slow
-def test_pretrain_toy_resumes_where_it_stopped(tmp_path):
-    """scripts/pretrain_toy.py: a second sitting continues the first (state, steps, sittings), and saves an SDXL
-    layout with the VAE's latent channels that the studio loads."""
+def _pretrain_toy():
+    """``scripts/pretrain_toy.py`` as a module (it is a script, not a package)."""
     import importlib.util
-
-    import torch
 
     spec = importlib.util.spec_from_file_location("pretrain_toy", ROOT / "scripts" / "pretrain_toy.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.slow
+def test_pretrain_toy_resumes_where_it_stopped(tmp_path):
+    """scripts/pretrain_toy.py: a second sitting continues the first (state, steps, sittings), and saves an SDXL
+    layout with the VAE's latent channels that the studio loads."""
+    import torch
+
+    mod = _pretrain_toy()
     out, state = tmp_path / "toy", tmp_path / "state"
     common = ["--out", str(out), "--state", str(state), "--vae-steps", "2", "--vae-batch", "2", "--vae-pool", "8",
               "--vae-channels", "4", "--eval-n", "0", "--n-scenes", "8", "--batch", "2"]
@@ -261,14 +267,10 @@ def test_pretrain_toy_resumes_where_it_stopped(tmp_path):
 def test_pretrain_toy_scale_equivariance_fine_tune(tmp_path):
     """``--vae-se-steps``: the VAE trains that many steps more after its schedule, and the scale-equivariance term
     (decode the 2x-downsampled latent to the 2x-downsampled image) changes what they learn; the run records it."""
-    import importlib.util
-
     import torch
     from safetensors.torch import load_file
 
-    spec = importlib.util.spec_from_file_location("pretrain_toy", ROOT / "scripts" / "pretrain_toy.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _pretrain_toy()
     torch_threads = torch.get_num_threads()
     weights = {}
     try:
@@ -290,13 +292,9 @@ def test_pretrain_toy_scale_equivariance_fine_tune(tmp_path):
 def test_pretrain_toy_killed_sitting_keeps_its_minutes(tmp_path, monkeypatch):
     """A sitting killed mid-schedule (no clean end) still leaves the minutes of every checkpointed step in the state,
     so ``training_info.json`` adds up the whole chain, not only the sittings that ended cleanly."""
-    import importlib.util
-
     import torch
 
-    spec = importlib.util.spec_from_file_location("pretrain_toy", ROOT / "scripts" / "pretrain_toy.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _pretrain_toy()
     real_lr, calls = mod.unet_lr, []
 
     def killed_at_second_step(*a):
@@ -324,11 +322,7 @@ def test_pretrain_toy_lr_restart_schedule():
     """The warm-restart schedule (``--unet-steps 7000 --lr-restart 4500``, the toy-xl before session 11): a cosine that
     ends at 5% of the lr at step 4,500, then a warm restart that follows the 7,000-step cosine (SGDR-like); without a
     restart, one cosine. The committed toy-xl is the script's default recipe: 14,000 steps, the restart at 9,000."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("pretrain_toy", ROOT / "scripts" / "pretrain_toy.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _pretrain_toy()
     lr = lambda s, restart=4500: mod.unet_lr(s, 7000, 1e-3, restart)  # noqa: E731
     assert lr(4499) == pytest.approx(5e-5, rel=1e-3)  # the first cosine has decayed to its floor
     assert lr(4500) == pytest.approx(mod.lr_at(4500, 7000, 1e-3, 500)) and lr(4500) > 6 * lr(4499)  # the restart
