@@ -21,7 +21,9 @@ One UNet with the base weights runs every pass; the concept LoRAs act only where
   step is taken on the unit-variance latent the UNet sees (the code's DPM-Solver latents); with sigma-scaled
   schedulers such as Euler, SDXL's default, that is ``Sampler.descend``, not a raw step on z.
   Updates stop for good after ``guidance_until`` of the steps (paper: 25 of 50), or once the loss rises versus the
-  previous step after ``min_guidance_steps`` (paper: 5 of 50).
+  previous step after ``min_guidance_steps`` (paper: 5 of 50). The loss forward stops after the last layer whose maps
+  the loss reads (``maps_only_forward``): the gradient is the same as through the whole UNet, as the official code
+  runs it, at less cost (on SD1.5 at 512 px the 32x32 and 64x64 up-blocks are skipped, forward and backward).
 
 Sampling as the official scripts: DPM-Solver++ multistep (swapped in for the run by ``pipelines.compose.run_scheduler``,
 the model's own scheduler restored afterwards), 50 steps, CFG 7.5. Concept prompts default to "a photo of
@@ -48,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from pipelines.compose import Cond, ComposeResult, Sampler, check_stop, engine_session, latent_masks
-from studio.attention import AttnControl, RegionKV, RegionMasks, install, layer_hw, map_resolution
+from studio.attention import AttnControl, MapsCaptured, RegionKV, RegionMasks, install, layer_hw, map_resolution
 from studio.composition import ResolvedSpec, token_positions
 
 
@@ -86,14 +88,26 @@ def run_composer(pipe, rs: ResolvedSpec, seed: int, stop=None, progress=None, ho
         install(pipe.unet, ctl)
         cond_sel = slice(1, 2) if sm.cfg else slice(0, 1)
 
-        def forward(z, t, conditional_only: bool, capture: bool):
+        n_map_layers = []  # region-map layers of one whole UNet call, counted on the first capturing call
+
+        def forward(z, t, conditional_only: bool, capture: bool, maps_only: bool = False):
+            """One UNet call; ``maps_only`` stops it after the last map layer (returns None): exact for the loss,
+            which reads only the maps, and it saves the forward and backward of the later, high-resolution layers."""
             sel = cond_sel if conditional_only else slice(None)
             ctl.reset()
             ctl.regions = [RegionKV(name, c.emb[sel]) for name, c in zip(sess.concepts, concepts)]
             ctl.capture_regions = ctl.capture_self = capture
+            ctl.stop_after = n_map_layers[0] if maps_only and opt.maps_only_forward and n_map_layers else None
             sess.unet_router.names = ["__base__"] * z.shape[0]
-            cond = _rows(base, sel)
-            return sm.unet(z, t, [cond])
+            try:
+                out = sm.unet(z, t, [_rows(base, sel)])
+            except MapsCaptured:
+                return None
+            finally:
+                ctl.stop_after = None
+            if capture and not n_map_layers:
+                n_map_layers.append(len(ctl.store["regions"]))
+            return out
 
         timesteps = sm.timesteps()
         if opt.latent_reinit:
@@ -108,7 +122,7 @@ def run_composer(pipe, rs: ResolvedSpec, seed: int, stop=None, progress=None, ho
             if refine and i < until:
                 with torch.enable_grad():
                     z = latents.detach().requires_grad_(True)
-                    forward(z, t, True, True)
+                    forward(z, t, True, True, maps_only=True)
                     loss = composer_loss(ctl, cap, tokens, masks, opt)
                     if loss.requires_grad:
                         grad = torch.autograd.grad(loss, z)[0]

@@ -3,12 +3,16 @@
 * ``StudioAttnProcessor``: one processor for ``attn1``/``attn2`` of the UNet that can
   - capture head-averaged attention probabilities at one spatial resolution (cross-attention maps for CLoRA and the
     LoRA-Composer losses, self-attention maps for its region loss), keeping the autograd graph when asked;
-  - add the LoRA-Composer concept-isolation bias to self-attention: a query pixel inside concept k's region gets
-    −10⁶ on every key inside another concept's region (Yang et al. 2024, "LoRA-Composer", Concept Isolation);
+  - LoRA-Composer concept isolation in self-attention: a query pixel inside concept k's region gets −10⁶ on every
+    key inside another concept's region (Yang et al. 2024, "LoRA-Composer", Concept Isolation). Computed as one
+    unmasked SDPA per group of pixels with the same region membership over the keys the bias leaves open (the same
+    result, ``isolated_attention``); layers that capture maps add the dense bias;
   - replace the cross-attention output inside each concept's region by that concept's own attention: keys, values and
     output projection through the concept's LoRA adapter on the concept's prompt, the query from the base model
-    (LoRA-Composer, region-aware LoRA injection); overlapping regions are averaged.
-  Layers without these jobs keep PyTorch SDPA; capturing layers run eager attention.
+    (LoRA-Composer, region-aware LoRA injection); overlapping regions are averaged. All concepts run in one
+    attention call, stacked on the batch axis.
+  Layers without these jobs keep PyTorch SDPA; capturing layers run eager attention. Index tensors are made once per
+  run and resolution (``RegionMasks.layout``), so a denoising step never waits for the GPU.
 * ``saved_processors(unet)``: save ``unet.attn_processors`` and restore them on exit, also on exceptions.
 * ``adapter_routing(unet)``: per-sample PEFT adapters in one batch; ``"__base__"`` means no adapter. PEFT LoRA
   ``Linear`` layers get a slice-based forward with the same result as PEFT's ``adapter_names=`` path (which gathers
@@ -191,8 +195,9 @@ class RegionMasks:
         self.latent_hw = tuple(masks.shape[-2:])
         self._cache: dict[tuple, torch.Tensor] = {}
 
-    def at(self, n_tokens: int) -> torch.Tensor:
-        """(n, n_tokens) float 0/1 masks flattened at the resolution with ``n_tokens`` pixels."""
+    def at(self, n_tokens: int, device=None, dtype=None) -> torch.Tensor:
+        """(n, n_tokens) float 0/1 masks flattened at the resolution with ``n_tokens`` pixels (on ``device``/``dtype``
+        when given: cached, so a denoising step makes no copies)."""
         key = ("m", n_tokens)
         if key not in self._cache:
             h, w = layer_hw(self.latent_hw, n_tokens)
@@ -202,6 +207,19 @@ class RegionMasks:
                 if hard[i].sum() == 0 and soft[i].sum() > 0:
                     hard[i].view(-1)[soft[i].argmax()] = 1.0
             self._cache[key] = hard.reshape(len(hard), -1)
+        if device is None and dtype is None:
+            return self._cache[key]
+        key_on = ("m", n_tokens, str(device), dtype)
+        if key_on not in self._cache:
+            self._cache[key_on] = self._cache[key].to(device, dtype)
+        return self._cache[key_on]
+
+    def layout(self, n_tokens: int, device) -> "RegionLayout":
+        """Index tensors for concept isolation at one resolution, made once per run (``nonzero`` waits for the GPU,
+        so it must not run in every layer of every step)."""
+        key = ("l", n_tokens, str(device))
+        if key not in self._cache:
+            self._cache[key] = RegionLayout.of(self.at(n_tokens).cpu(), device)
         return self._cache[key]
 
     def isolation_bias(self, n_tokens: int, dtype, device) -> torch.Tensor:
@@ -213,6 +231,58 @@ class RegionMasks:
             neg = -6.0e4 if dtype == torch.float16 else -1.0e6
             self._cache[key] = (cross.clamp(max=1) * neg).to(dtype)
         return self._cache[key]
+
+
+@dataclass
+class RegionLayout:
+    """Where each region lies at one attention resolution, as index tensors on the compute device.
+
+    ``count``: how many regions cover each pixel. ``groups``: concept isolation as a partition of the queries into
+    (query pixels, allowed key pixels or None for all): pixels with the same region membership S may attend to the
+    keys q with Σ_{k∈S} Σ_{j≠k} m_j[q] = 0, exactly the keys the −10⁶ bias leaves open. ``inverse`` puts the
+    concatenated group outputs back in pixel order."""
+
+    count: torch.Tensor  # (N,)
+    groups: list[tuple[torch.Tensor, torch.Tensor | None]]
+    inverse: torch.Tensor
+
+    @staticmethod
+    def of(m: torch.Tensor, device) -> "RegionLayout":
+        n, npix = m.shape
+        mb = m.bool()
+        cnt = m.sum(0)
+        if n == 0:
+            return RegionLayout(cnt.to(device), [(torch.arange(npix, device=device), None)], torch.arange(npix, device=device))
+        sets, which = torch.unique(mb.t(), dim=0, return_inverse=True)  # region membership of each pixel
+        groups, order = [], []
+        for g, s in enumerate(sets):
+            pix = (which == g).nonzero().flatten()
+            keys = None
+            if bool(s.any()):
+                allowed = (int(s.sum()) * cnt - m[s].sum(0)) == 0
+                if bool(allowed.any()) and not bool(allowed.all()):
+                    keys = allowed.nonzero().flatten().to(device)
+                # no key left open: the bias shifts every score alike, i.e. plain attention over all keys
+            groups.append((pix.to(device), keys))
+            order.append(pix)
+        order = torch.cat(order)
+        inverse = torch.empty(npix, dtype=torch.long)
+        inverse[order] = torch.arange(npix)
+        return RegionLayout(cnt.to(device), groups, inverse.to(device))
+
+
+def isolated_attention(attn, query, key, value, lay: RegionLayout) -> torch.Tensor:
+    """Self-attention under concept isolation without a dense bias: one unmasked attention per group of queries over
+    its open keys. Equal to ``attend`` with ``isolation_bias`` (up to rounding) but keeps SDPA on its fastest kernels
+    (a dense additive mask rules out flash attention on the GPU) and skips the closed keys' work."""
+    if len(lay.groups) == 1 and lay.groups[0][1] is None:
+        return attend(attn, query, key, value)[0]
+    outs = []
+    for q_idx, k_idx in lay.groups:
+        k = key if k_idx is None else key.index_select(1, k_idx)
+        v = value if k_idx is None else value.index_select(1, k_idx)
+        outs.append(attend(attn, query.index_select(1, q_idx), k, v)[0])
+    return torch.cat(outs, 1).index_select(1, lay.inverse)
 
 
 # ------------------------------------------------------------------------------------------------------ the processor
@@ -243,8 +313,9 @@ class AttnControl:
     # region keys/values per (layer, adapter, prompt rows): they depend only on the concept's prompt, not on the
     # latent, so one computation serves every step of a run (a fresh AttnControl per run)
     kv_cache: dict = field(default_factory=dict)
-    # stop the UNet call (MapsCaptured) once this many cross-attention maps are stored: for a loss that reads only the
-    # maps, the layers after the last capture layer are not needed (None: run the whole UNet)
+    # stop the UNet call (MapsCaptured) once this many cross-attention maps (CLoRA) or region maps (composer) are
+    # stored: for a loss that reads only the maps, the layers after the last capture layer are not needed (None: run
+    # the whole UNet)
     stop_after: int | None = None
 
     def reset(self) -> None:
@@ -277,11 +348,15 @@ class StudioAttnProcessor:
         if attention_mask is not None:
             bias = attn.prepare_attention_mask(attention_mask, key.shape[1], batch)
             bias = bias.view(batch, attn.heads, -1, key.shape[1])
-        if not is_cross and ctl.isolate and ctl.masks is not None:
-            iso = ctl.masks.isolation_bias(n_tok, query.dtype, query.device)
-            bias = iso if bias is None else bias + iso
         capture = ctl.capture_tokens == n_tok and ((is_cross and ctl.capture_cross) or (not is_cross and ctl.capture_self))
-        out, probs = attend(attn, query, key, value, bias, need_probs=capture)
+        isolate = not is_cross and ctl.isolate and ctl.masks is not None
+        if isolate and not capture and bias is None:
+            out, probs = isolated_attention(attn, query, key, value, ctl.masks.layout(n_tok, query.device)), None
+        else:
+            if isolate:  # the maps are wanted: eager attention with the dense bias
+                iso = ctl.masks.isolation_bias(n_tok, query.dtype, query.device)
+                bias = iso if bias is None else bias + iso
+            out, probs = attend(attn, query, key, value, bias, need_probs=capture)
         if capture:
             ctl.store.setdefault("cross" if is_cross else "self", []).append(probs.mean(1))
             if is_cross and ctl.stop_after is not None and len(ctl.store["cross"]) >= ctl.stop_after:
@@ -299,34 +374,32 @@ class StudioAttnProcessor:
     def _regions(self, attn, query, out_g, n_tok):
         """Region-aware LoRA injection: inside region n the output is concept n's cross-attention (averaged in overlaps)."""
         ctl = self.ctl
-        m = ctl.masks.at(n_tok).to(out_g.device, out_g.dtype)  # (n, N)
-        count = m.sum(0)
+        m = ctl.masks.at(n_tok, out_g.device, out_g.dtype)  # (n, N)
+        lay = ctl.masks.layout(n_tok, out_g.device)
+        count = lay.count.to(out_g.dtype)
         batch = out_g.shape[0]
-        acc = torch.zeros_like(out_g)
+        n = len(ctl.regions)
         want_maps = ctl.capture_regions and ctl.capture_tokens == n_tok
-        maps = []
-        for i, r in enumerate(ctl.regions):
-            idx = None if want_maps else m[i].nonzero().squeeze(1)
-            if idx is not None and idx.numel() == 0:
-                continue
-            names = [r.adapter] * batch
-            key = (self.name, r.adapter, r.context.data_ptr(), tuple(r.context.shape))
-            if key not in ctl.kv_cache:
-                with torch.no_grad():  # constants with respect to the latent; the context is kept referenced so
-                    # that its address cannot be reused by another tensor while the entry lives
-                    ctl.kv_cache[key] = (r.context, routed(attn.to_k, r.context, names), routed(attn.to_v, r.context, names))
-            _, k, v = ctl.kv_cache[key]
-            q = query if idx is None else query[:, idx]
-            o, probs = attend(attn, q, k, v, None, need_probs=want_maps)
-            if want_maps:
-                maps.append(probs.mean(1))
-            o = attn.to_out[1](routed(attn.to_out[0], o, names))
-            if idx is None:
-                acc = acc + o * m[i][None, :, None]
-            else:
-                acc = acc.index_add(1, idx, o)
+        # every concept in one attention call: the concepts are stacked on the batch axis (concept i: rows i·B…),
+        # each attends over the whole image and the masks pick its pixels afterwards. Cross-attention over 77 keys
+        # is cheap; what costs on a GPU is the number of operators, which this keeps independent of the region sizes
+        names = [r.adapter for r in ctl.regions for _ in range(batch)]
+        key = (self.name,) + tuple((r.adapter, r.context.data_ptr(), tuple(r.context.shape)) for r in ctl.regions)
+        if key not in ctl.kv_cache:
+            with torch.no_grad():  # constants with respect to the latent; the contexts are kept referenced so that
+                # their addresses cannot be reused by other tensors while the entry lives
+                ctx = torch.cat([r.context for r in ctl.regions])
+                ctl.kv_cache[key] = ([r.context for r in ctl.regions], routed(attn.to_k, ctx, names), routed(attn.to_v, ctx, names))
+        _, k, v = ctl.kv_cache[key]
+        q = query.repeat(n, 1, 1)
+        o, probs = attend(attn, q, k, v, None, need_probs=want_maps)
+        maps = list(probs.mean(1).split(batch)) if want_maps else []
+        o = attn.to_out[1](routed(attn.to_out[0], o, names))
+        acc = (o.view(n, batch, n_tok, -1) * m[:, None, :, None]).sum(0)
         if want_maps:
             ctl.store.setdefault("regions", []).append(maps)
+            if ctl.stop_after is not None and len(ctl.store["regions"]) >= ctl.stop_after:
+                raise MapsCaptured
         inside = (count > 0)[None, :, None]
         return torch.where(inside, acc / count.clamp(min=1)[None, :, None], out_g)
 

@@ -94,6 +94,7 @@ class ComposerOptions:
     w_region: float = _f(10.0, "Weight of the region perceptual-restriction loss (code: 10).", advanced=True)
     top_k_ratio: float = _f(0.2, "Top-k share of the box area averaged by the losses (code: 0.2).", advanced=True)
     smooth_sigma: float = _f(0.5, "Gaussian smoothing (3x3) sigma of the concept maps.", advanced=True)
+    maps_only_forward: bool = _f(True, "Loss steps stop the UNet after its last map layer (same gradient, less work; off: the whole UNet as the official code).", advanced=True)
 
 
 @dataclass(kw_only=True)

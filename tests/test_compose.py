@@ -212,6 +212,36 @@ def test_self_attention_bias_blocks_cross_region_probabilities():
     assert free[..., left, :][..., right].sum() > 0.1  # without the bias they do attend across
 
 
+def test_grouped_isolation_equals_the_dense_bias():
+    """The fast concept isolation (one unmasked attention per region-membership group) gives the dense −10⁶-bias
+    result: two overlapping regions, a third disjoint one and background; values and gradients."""
+    from diffusers.models.attention_processor import Attention
+
+    from studio.attention import isolated_attention
+
+    masks = torch.zeros(3, 6, 6)
+    masks[0, :4, :3] = 1
+    masks[1, 2:, 2:5] = 1  # overlaps region 0 at rows 2-3, column 2
+    masks[2, :2, 4:] = 1
+    rm = RegionMasks(masks)
+    lay = rm.layout(36, "cpu")
+    assert len(lay.groups) == 5  # background, 0 only, 1 only, 0 and 1, 2
+    torch.manual_seed(0)
+    attn = Attention(query_dim=8, heads=2, dim_head=4)
+    x = torch.randn(2, 36, 8, requires_grad=True)
+    q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)
+    dense, _ = attend(attn, q, k, v, rm.isolation_bias(36, torch.float32, "cpu"))
+    fast = isolated_attention(attn, q, k, v, lay)
+    assert torch.allclose(fast, dense, atol=1e-5)
+    (g_dense,) = torch.autograd.grad(dense.square().sum(), x, retain_graph=True)
+    (g_fast,) = torch.autograd.grad(fast.square().sum(), x)
+    assert torch.allclose(g_fast, g_dense, atol=1e-4)
+    plain, _ = attend(attn, q, k, v)
+    assert not torch.allclose(fast, plain, atol=1e-3)  # isolation does change the result
+    one = RegionMasks(torch.ones(1, 6, 6)).layout(36, "cpu")  # one region everywhere: nothing to isolate
+    assert len(one.groups) == 1 and one.groups[0][1] is None
+
+
 def test_fast_routing_equals_peft_mixed_batch(xl):
     """adapter_routing's slice-based LoRA forward gives PEFT's own ``adapter_names=`` result, values and gradients."""
     pipe, loras, _ = xl
@@ -365,6 +395,27 @@ def test_composer_regions_change_the_image_and_parts_matter(xl):
     assert full.stats["guided_steps"] >= 1 and no_guid.stats["guided_steps"] == 0
     assert np.abs(img(full) - img(no_guid)).max() > 0  # guidance and re-init move the latent (weakly on a random model)
     assert np.abs(img(no_guid) - img(merge)).mean() > 0.1  # regional binding is not the global merge
+
+
+def test_composer_loss_steps_stop_after_the_last_map_layer_with_the_same_result(xl):
+    """The loss forward stops after the last region-map layer (``maps_only_forward``): the same losses and image as
+    running the whole UNet, and the layers after it (here conv_out) run only in the denoising passes."""
+    pipe, loras, _ = xl
+    calls = []
+    h = pipe.unet.conv_out.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        fast = compose(pipe, spec(loras, "composer"))
+        n_fast = len(calls)
+        calls.clear()
+        full = compose(pipe, spec(loras, "composer", composer=dict(maps_only_forward=False)))
+        n_full = len(calls)
+    finally:
+        h.remove()
+    assert fast.stats["latent_updates"] >= 1
+    assert fast.stats["losses"] == pytest.approx(full.stats["losses"], rel=1e-4)
+    assert np.abs(img(fast) - img(full)).max() <= 1.0
+    assert n_full - n_fast == fast.stats["latent_updates"]  # each loss forward skipped the UNet's tail
+    assert n_fast == STEPS + 1  # the denoising passes and the latent re-initialisation's full call
 
 
 def test_sd15_composer_and_clora_run(tmp_path):
