@@ -321,7 +321,7 @@ def test_pretrain_toy_killed_sitting_keeps_its_minutes(tmp_path, monkeypatch):
 def test_pretrain_toy_lr_restart_schedule():
     """The warm-restart schedule (``--unet-steps 7000 --lr-restart 4500``, the toy-xl before session 11): a cosine that
     ends at 5% of the lr at step 4,500, then a warm restart that follows the 7,000-step cosine (SGDR-like); without a
-    restart, one cosine. The committed toy-xl is the script's default recipe: 14,000 steps, the restart at 9,000."""
+    restart, one cosine. The committed toy-xl is the script's default recipe: 17,000 steps, restarts at 9,000 and 14,000."""
     mod = _pretrain_toy()
     lr = lambda s, restart=4500: mod.unet_lr(s, 7000, 1e-3, restart)  # noqa: E731
     assert lr(4499) == pytest.approx(5e-5, rel=1e-3)  # the first cosine has decayed to its floor
@@ -334,7 +334,7 @@ def test_pretrain_toy_lr_restart_schedule():
     assert all(longer(s) == lr(s) for s in range(0, 7000, 37))
     assert longer(7000) > 2 * lr(6999) and longer(8999) == pytest.approx(5e-5, rel=1e-2)
     info = json.loads((ROOT / "assets" / "toy-xl" / "training_info.json").read_text())
-    assert info["unet"]["steps"] == info["unet"]["target_steps"] == 14000 and info["unet"]["lr_restart"] == 9000
+    assert info["unet"]["steps"] == info["unet"]["target_steps"] == 17000 and info["unet"]["lr_restart"] == [9000, 14000]
     d = mod.build_parser().parse_args([])  # the documented one command (no options) is the committed run's recipe
-    assert (d.unet_steps, d.lr_restart, d.vae_steps, d.vae_crop, d.threads) == (14000, 9000, 12000, True, 2)
+    assert (d.unet_steps, d.lr_restart, d.vae_steps, d.vae_crop, d.threads) == (17000, [9000, 14000], 12000, True, 2)
     assert info["vae"]["steps"] == d.vae_steps and info["unet"]["batch"] == d.batch and info["unet"]["lr"] == d.lr
