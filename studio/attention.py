@@ -226,7 +226,7 @@ class RegionMasks:
         """(N, N) additive bias: −10⁶ from a query in region k to a key in another region j ≠ k, else 0."""
         key = ("b", n_tokens, dtype, str(device))
         if key not in self._cache:
-            m = self.at(n_tokens).to(device)
+            m = self.at(n_tokens, device)
             cross = m.t() @ (m.sum(0, keepdim=True) - m)  # [p, q] = Σ_k m_k[p] Σ_{j≠k} m_j[q]
             neg = -6.0e4 if dtype == torch.float16 else -1.0e6
             self._cache[key] = (cross.clamp(max=1) * neg).to(dtype)
@@ -235,14 +235,12 @@ class RegionMasks:
 
 @dataclass
 class RegionLayout:
-    """Where each region lies at one attention resolution, as index tensors on the compute device.
+    """Concept isolation at one attention resolution, as index tensors on the compute device.
 
-    ``count``: how many regions cover each pixel. ``groups``: concept isolation as a partition of the queries into
-    (query pixels, allowed key pixels or None for all): pixels with the same region membership S may attend to the
-    keys q with Σ_{k∈S} Σ_{j≠k} m_j[q] = 0, exactly the keys the −10⁶ bias leaves open. ``inverse`` puts the
-    concatenated group outputs back in pixel order."""
+    ``groups``: a partition of the queries into (query pixels, allowed key pixels or None for all): pixels with the
+    same region membership S may attend to the keys q with Σ_{k∈S} Σ_{j≠k} m_j[q] = 0, exactly the keys the −10⁶
+    bias leaves open. ``inverse`` puts the concatenated group outputs back in pixel order."""
 
-    count: torch.Tensor  # (N,)
     groups: list[tuple[torch.Tensor, torch.Tensor | None]]
     inverse: torch.Tensor
 
@@ -252,7 +250,7 @@ class RegionLayout:
         mb = m.bool()
         cnt = m.sum(0)
         if n == 0:
-            return RegionLayout(cnt.to(device), [(torch.arange(npix, device=device), None)], torch.arange(npix, device=device))
+            return RegionLayout([(torch.arange(npix, device=device), None)], torch.arange(npix, device=device))
         sets, which = torch.unique(mb.t(), dim=0, return_inverse=True)  # region membership of each pixel
         groups, order = [], []
         for g, s in enumerate(sets):
@@ -268,7 +266,7 @@ class RegionLayout:
         order = torch.cat(order)
         inverse = torch.empty(npix, dtype=torch.long)
         inverse[order] = torch.arange(npix)
-        return RegionLayout(cnt.to(device), groups, inverse.to(device))
+        return RegionLayout(groups, inverse.to(device))
 
 
 def isolated_attention(attn, query, key, value, lay: RegionLayout) -> torch.Tensor:
@@ -375,8 +373,7 @@ class StudioAttnProcessor:
         """Region-aware LoRA injection: inside region n the output is concept n's cross-attention (averaged in overlaps)."""
         ctl = self.ctl
         m = ctl.masks.at(n_tok, out_g.device, out_g.dtype)  # (n, N)
-        lay = ctl.masks.layout(n_tok, out_g.device)
-        count = lay.count.to(out_g.dtype)
+        count = m.sum(0)
         batch = out_g.shape[0]
         n = len(ctl.regions)
         want_maps = ctl.capture_regions and ctl.capture_tokens == n_tok

@@ -50,6 +50,7 @@ def main(argv=None) -> int:
     old = importlib.util.module_from_spec(spec_)
     sys.modules["baseline_attention"] = old  # dataclasses look their module up
     spec_.loader.exec_module(old)
+    old.MapsCaptured = cur.MapsCaptured  # the composer catches the current module's class (maps-only loss forward)
     new_proc = cur.StudioAttnProcessor
 
     pipe = load_pipeline(a.model, device=a.device)
@@ -106,7 +107,6 @@ def main(argv=None) -> int:
         row["profile_syncs"] = syncs
     if a.sync_debug and torch.cuda.is_available():
         import collections
-        import traceback
         import warnings
 
         where = collections.Counter()
