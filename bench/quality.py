@@ -20,7 +20,10 @@ against the simplest baseline (the base model with the same prompt, or a naive m
 * ``decor``: a subject LoRA trained on references that share one background (no captions), prompted with
   new backgrounds: leakage of the references' background, prompt fidelity and subject fidelity at DECOR
   α ∈ {0, 0.5, 1} (remove text = the references' background phrase).
-* ``composition``: two subject LoRAs in left/right boxes with the merge, composer and clora engines.
+* ``composition``: two subject LoRAs in left/right boxes with the merge, composer (as the paper, and with each
+  LoRA's other layers in its box: ``region_all_layers``) and clora engines.
+* ``regions``: regional prompting of the base model: two known shapes in two boxes (the composer, its LoRAs at
+  weight 0), per box layout: what any regional engine can at best do with these boxes.
 * ``blora``: B-LoRA content of a held-out subject image + style of a held-out style image.
 * ``blocks``: per-block prompt injection, which up_blocks attentions carry content and which carry style
   (the B-LoRA paper's analysis) on the base model.
@@ -622,8 +625,8 @@ def compose_setup(ctx: "Context", la: Path, lb: Path) -> tuple[str, list]:
                     ConceptEntry(lora=str(lb), prompt=f"a {b} emblem{where[1]}, {context}", token=b, region=RIGHT_BOX)]
 
 
-def compose_images(ctx: "Context", prompt: str, concepts: list, engine: str, n: int) -> list:
-    """``n`` images of one engine (seeds ``ctx.seed`` + 700 + i)."""
+def compose_images(ctx: "Context", prompt: str, concepts: list, engine: str, n: int, **spec_over) -> list:
+    """``n`` images of one engine (seeds ``ctx.seed`` + 700 + i); ``spec_over``: further CompositionSpec fields."""
     from pipelines.compose import compose
     from studio.composition import ConceptEntry, CompositionSpec
 
@@ -634,7 +637,7 @@ def compose_images(ctx: "Context", prompt: str, concepts: list, engine: str, n: 
     imgs = []
     for i in range(n):
         spec = CompositionSpec(prompt=prompt, concepts=concepts, engine=engine, seed=ctx.seed + 700 + i,
-                               steps=ctx.steps, guidance=ctx.guidance, width=METHOD_RES, height=METHOD_RES)
+                               steps=ctx.steps, guidance=ctx.guidance, width=METHOD_RES, height=METHOD_RES, **spec_over)
         imgs += compose(ctx.pipe, spec, None, save=False).images
     return imgs
 
@@ -656,10 +659,14 @@ def section_composition(ctx: Context) -> dict:
     prompt, concepts = compose_setup(ctx, _orth_lora(ctx, a), _orth_lora(ctx, b))
     n = ctx.n_compose
     rows, metrics, grid_imgs = [], {}, []
-    conds = [("base model (no LoRA)", None), ("merge", "merge"), ("composer", "composer"), ("clora", "clora")]
-    for label, engine in conds:
+    # "composer, all layers": ComposerOptions.region_all_layers, each LoRA's other layers inside its box too (the paper
+    # keeps only its cross-attention keys, values and output, which hold nothing of the toy LoRAs' subjects)
+    conds = [("base model (no LoRA)", None, {}), ("merge", "merge", {}), ("composer", "composer", {}),
+             ("composer, all layers", "composer", {"composer": {"region_all_layers": True}}), ("clora", "clora", {})]
+    for label, engine, over in conds:
         t0 = time.time()
-        imgs = _gen(ctx, [prompt], [], n, seed_offset=700) if engine is None else compose_images(ctx, prompt, concepts, engine, n)
+        imgs = _gen(ctx, [prompt], [], n, seed_offset=700) if engine is None else \
+            compose_images(ctx, prompt, concepts, engine, n, **over)
         secs = time.time() - t0
         r = {"metric": label, **region_rates(ctx.judge.predict(imgs), a, b), "seconds/image": round(secs / n, 2)}
         rows.append(r)
@@ -673,7 +680,46 @@ def section_composition(ctx: Context) -> dict:
                       "gen_steps": ctx.steps, "guidance": ctx.guidance, "seed": ctx.seed, "loras": "the orthogonal section's (pivotal token + LoRA)"},
             "metrics": metrics, "rows": rows, "grid": "composition_grid.png",
             "notes": "both present: the judge finds both subjects among left/right/centre heads; each in its region: "
-                     "left head = first subject and right head = second"}
+                     "left head = first subject and right head = second; composer, all layers: region_all_layers "
+                     "(each LoRA's other UNet layers act inside its box too, not only its cross-attention)"}
+
+
+# the regions section: can the base model draw two known shapes in two boxes at all (composer, no LoRA)?
+REGION_LAYOUTS = {"the composition section's boxes": (LEFT_BOX, RIGHT_BOX),
+                  "full-height halves": ((0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0)),
+                  "full-height, 0.6 wide, overlapping": ((0.0, 0.0, 0.6, 1.0), (0.4, 0.0, 1.0, 1.0))}
+REGION_SHAPES = (("square", "yellow"), ("hexagon", "red"))
+
+
+def section_regions(ctx: Context) -> dict:
+    """Regional prompting of the base model (the composer with its concepts' LoRAs at weight 0, guidance parts on):
+    two known shapes, one per box, per box layout. The ceiling of any regional engine on this model and boxes."""
+    from studio.composition import ConceptEntry
+
+    (sa, ca), (sb, cb) = REGION_SHAPES
+    context = "on a cyan plain background, flat style"
+    prompt = f"a {ca} {sa} on the left and a {cb} {sb} on the right, {context}"
+    la, lb = (_orth_lora(ctx, s) for s in COMPOSE_PAIR)  # any two LoRA files: at weight 0 they add nothing
+    n = ctx.n_compose
+    rows, metrics, grid_imgs = [], {}, []
+    for label, (box_a, box_b) in REGION_LAYOUTS.items():
+        concepts = [ConceptEntry(lora=str(la), weight=0.0, prompt=f"a {ca} {sa} on the left, {context}", token=sa, region=box_a),
+                    ConceptEntry(lora=str(lb), weight=0.0, prompt=f"a {cb} {sb} on the right, {context}", token=sb, region=box_b)]
+        imgs = compose_images(ctx, prompt, concepts, "composer", n, allow_overlap=True)
+        preds = ctx.judge.predict(imgs)
+        r = {"metric": label, "each in its region": _rate([p["left_shape"] == sa and p["right_shape"] == sb for p in preds]),
+             f"{sa} on the left": _rate([p["left_shape"] == sa for p in preds]),
+             f"{sb} on the right": _rate([p["right_shape"] == sb for p in preds])}
+        rows.append(r)
+        metrics.update({f"{label}: {k}": v for k, v in r.items() if k != "metric"})
+        grid_imgs += imgs[:8]
+    tw.contact_sheet(grid_imgs, cols=8, scale=2).save(ctx.out / "regions_grid.png")
+    return {"title": "Regional prompting of the base model: two known shapes in two boxes (composer, LoRAs at weight 0)",
+            "setup": {"prompt": prompt, "layouts": {k: list(v) for k, v in REGION_LAYOUTS.items()}, "images_per_layout": n,
+                      "gen_steps": ctx.steps, "guidance": ctx.guidance, "seed": ctx.seed},
+            "metrics": metrics, "rows": rows, "grid": "regions_grid.png",
+            "notes": "grid: 8 images per layout in table order. The toy UNet attends only at 8x8 and 4x4 (of a 16x16 "
+                     "latent), so a box must leave room around the object at those grids."}
 
 
 BLORA_CONTENT, BLORA_STYLE = "zeph", "neon"
@@ -867,7 +913,13 @@ def what_would_change(name: str, sec: dict) -> list[str]:
                 for what, col in (("leaked", "leakage (ref style)"), *((w, "subject fidelity") for w, _ in DECOR_UNRELATED))]
     if name == "composition":
         return [compare_line(f"{e} each in its region", g(f"{e}: each in its region"), "merge",
-                             g("merge: each in its region")) for e in ("composer", "clora")]
+                             g("merge: each in its region")) for e in ("composer", "composer, all layers", "clora")] + [
+                compare_line(f"{e}: kavo on the left", g(f"{e}: kavo on the left"), "composer",
+                             g("composer: kavo on the left")) for e in ("composer, all layers",)]
+    if name == "regions":
+        first = next(iter(REGION_LAYOUTS))
+        return [compare_line(f"{lay}: each in its region", g(f"{lay}: each in its region"), first,
+                             g(f"{first}: each in its region")) for lay in list(REGION_LAYOUTS)[1:]]
     if name == "blora":
         both = "B-LoRA content + style ('A [c] in [s] style')"
         return [compare_line("B-LoRA style transferred", g(f"{both}: style transferred (style = neon)"), "text only",
@@ -935,8 +987,9 @@ SECTIONS: dict[str, Callable[[Context], dict]] = {
     "blora": section_blora,
     "vae": section_vae,
     "blocks": section_blocks,
+    "regions": section_regions,
 }
-DEFAULT_SECTIONS = ("base", "dreambooth", "orthogonal", "decor", "composition", "blora")  # vae, blocks: on request
+DEFAULT_SECTIONS = ("base", "dreambooth", "orthogonal", "decor", "composition", "blora")  # vae, blocks, regions: on request
 
 
 # ------------------------------------------------------------------------------------------------
@@ -976,8 +1029,8 @@ def to_markdown(report: dict) -> str:
 
 
 # Seconds of each section on this machine at the defaults (1 thread; bench/README.md): how --jobs balances its processes
-SECTION_SECONDS = {"base": 29, "dreambooth": 190, "orthogonal": 1241, "decor": 446, "composition": 991, "blora": 62,
-                   "vae": 357, "blocks": 128}
+SECTION_SECONDS = {"base": 36, "dreambooth": 101, "orthogonal": 1300, "decor": 555, "composition": 1165, "blora": 75,
+                   "vae": 357, "blocks": 128, "regions": 520}
 
 
 def split_sections(names: list[str], jobs: int) -> list[list[str]]:

@@ -36,6 +36,13 @@ Deviations from the paper/code:
 * Works with ordinary LoRA files (no ED-LoRA layer-wise embeddings). Only each LoRA's deltas on cross-attention
   ``to_k``/``to_v``/``to_out`` and its text encoder act inside its region; self-attention/FFN/ResNet deltas of
   concept LoRAs are not used (as in the paper). Global LoRAs (styles) are fused into the base weights everywhere.
+* ``region_all_layers`` (off by default, the paper's way): each concept LoRA's other UNet deltas (self-attention,
+  feed-forward, projections, cross-attention query) are added inside its region as well (``studio.attention.
+  SpatialRouting``, averaged where regions overlap). A LoRA that holds its subject outside the cross-attention keys,
+  values and output is otherwise lost: on the toy model a LoRA of the orthogonal recipe cut to those layers draws its
+  subject in 0 of 8 images even alone, and the composer put kavo in its box in 0 of 8 as the paper, 8 of 8 with all
+  layers (2026-11-26, bench/README.md). With one concept whose region is the whole image it equals the LoRA applied
+  everywhere (tests/test_compose.py).
 * Concept tokens are found with the tokenizer (``ConceptEntry.token``), not by whitespace splitting.
 * The loss weights are the code's (8, 2, 10), not the paper's (1, 0.25, 0.8); regions may be mask images (their
   bounding box is used where a box is needed).
@@ -50,7 +57,8 @@ import torch
 import torch.nn.functional as F
 
 from pipelines.compose import Cond, ComposeResult, Sampler, check_stop, engine_session, latent_masks
-from studio.attention import AttnControl, MapsCaptured, RegionKV, RegionMasks, install, layer_hw, map_resolution
+from studio.attention import (AttnControl, MapsCaptured, RegionKV, RegionMasks, SpatialRouting, install, layer_hw,
+                              map_resolution, region_routed_layers)
 from studio.composition import ResolvedSpec, token_positions
 
 
@@ -86,6 +94,8 @@ def run_composer(pipe, rs: ResolvedSpec, seed: int, stop=None, progress=None, ho
         cap = map_resolution(pipe.unet, hw, (rs.height, rs.width))
         ctl = AttnControl(masks=masks, isolate=opt.self_attn_isolation, capture_tokens=cap)
         install(pipe.unet, ctl)
+        if opt.region_all_layers:
+            sess.unet_router.spatial = SpatialRouting(masks, list(sess.concepts), region_routed_layers(pipe.unet))
         cond_sel = slice(1, 2) if sm.cfg else slice(0, 1)
 
         n_map_layers = []  # region-map layers of one whole UNet call, counted on the first capturing call
@@ -141,7 +151,7 @@ def run_composer(pipe, rs: ResolvedSpec, seed: int, stop=None, progress=None, ho
             if hooks is not None:
                 hooks(i, latents)
             check_stop(stop, progress, i + 1, s.steps)
-        sess.unet_router.names = None
+        sess.unet_router.names, sess.unet_router.spatial = None, None
         images = sm.decode(latents)
     stats["unet_evals"] = sm.evals
     return ComposeResult([], seed, images, stats=stats)

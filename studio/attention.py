@@ -18,6 +18,9 @@
   ``Linear`` layers get a slice-based forward with the same result as PEFT's ``adapter_names=`` path (which gathers
   and scatters each sub-batch with index lists in every layer); other layer types get ``adapter_names=`` injected by
   forward pre-hooks, PEFT's own mechanism.
+* ``SpatialRouting`` (``router.spatial``): concept adapters that act only inside their regions: at a layer whose input
+  is a sequence of pixels, each concept's LoRA delta is added at the pixels of its region (LoRA-Composer's
+  ``region_all_layers``, for LoRAs that hold their subject outside cross-attention).
 * ``fused_adapters(unet, names)``: add adapters' ΔW into the base weights (for LoRAs that apply everywhere, so each
   sample still needs only one routed adapter); the exact original weights are restored on exit.
 """
@@ -53,10 +56,12 @@ def _tuner_layers(model):
 
 
 class Router:
-    """Which adapter each sample of the next UNet call uses (``None``: PEFT's normal active adapters)."""
+    """Which adapter each sample of the next UNet call uses (``None``: PEFT's normal active adapters), and optionally
+    which adapters act inside which regions of the image (``spatial``)."""
 
     def __init__(self):
         self.names: list[str] | None = None
+        self.spatial: SpatialRouting | None = None
         self._runs: tuple[tuple, list] = ((), [])
 
     def runs(self) -> list[tuple[str, int, int]]:
@@ -65,6 +70,56 @@ class Router:
         if self._runs[0] != key:
             self._runs = (key, _runs_of(key))
         return self._runs[1]
+
+
+@dataclass
+class SpatialRouting:
+    """Concept adapters that act inside their regions only: at a layer whose input is a sequence of pixels, concept n's
+    LoRA delta is added at the pixels of its region (averaged where regions overlap), on top of whatever the
+    per-sample routing computed. ``layers``: ids of the LoRA layers this applies to (the engine leaves out the layers
+    it routes itself, e.g. the composer's cross-attention keys, values and output)."""
+
+    masks: "RegionMasks"
+    adapters: list[str]
+    layers: set[int]
+    _weights: dict = field(default_factory=dict, repr=False)
+
+    def weights(self, n_tokens: int, device, dtype) -> torch.Tensor | None:
+        """(n, n_tokens) per-pixel weights of each concept (1/|regions at the pixel|), None if no layer has this size
+        (made once per resolution, device and dtype)."""
+        key = (n_tokens, str(device), dtype)
+        if key not in self._weights:
+            try:
+                m = self.masks.at(n_tokens, device, dtype)
+            except ValueError:
+                m = None
+            self._weights[key] = None if m is None else m / m.sum(0, keepdim=True).clamp(min=1)
+        return self._weights[key]
+
+
+def _spatial_deltas(m, x, result, spatial: SpatialRouting):
+    """``result`` plus each concept adapter's delta inside its region (``SpatialRouting``). PEFT ``Linear`` layers
+    only: a LoRA's convolution deltas (LoCon, ResNet convs) are not routed."""
+    if x.ndim != 3 or id(m) not in spatial.layers:
+        return result
+    w = spatial.weights(x.shape[1], result.device, result.dtype)
+    if w is None:
+        return result
+    for n, a in enumerate(spatial.adapters):
+        if a in m.lora_A:
+            lora_a = m.lora_A[a]
+            delta = m.lora_B[a](lora_a(m.lora_dropout[a](x.to(lora_a.weight.dtype)))) * m.scaling[a]
+            result = result + delta.to(result.dtype) * w[n][None, :, None]
+    return result
+
+
+def region_routed_layers(unet) -> set[int]:
+    """Ids of the UNet's LoRA ``Linear`` layers that ``SpatialRouting`` serves for LoRA-Composer: all but the
+    cross-attention keys, values and output, which its region-aware injection routes itself."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    own = (".attn2.to_k", ".attn2.to_v", ".attn2.to_out.0")
+    return {id(m) for n, m in _tuner_layers(unet) if type(m) is LoraLinear and not n.endswith(own)}
 
 
 def _runs_of(names) -> list[tuple[str, int, int]]:
@@ -86,7 +141,8 @@ def _routed_linear_forward(m, router: Router, x, *args, **kwargs):
     ``adapter_names``) goes through PEFT's forward unchanged."""
     if router.names is None or "adapter_names" in kwargs:
         return type(m).forward(m, x, *args, **kwargs)
-    return _forward_runs(m, x, router.names, router.runs(), *args, **kwargs)
+    out = _forward_runs(m, x, router.names, router.runs(), *args, **kwargs)
+    return out if router.spatial is None else _spatial_deltas(m, x, out, router.spatial)
 
 
 def _forward_runs(m, x, names, runs, *args, **kwargs):

@@ -236,6 +236,8 @@ def cmd_compose(args) -> int:
                                global_loras=[{"lora": g.rpartition(":")[0] or g, "weight": float(g.rpartition(":")[2])
                                               if g.rpartition(":")[0] else 1.0} for g in args.global_lora or []],
                                **{k: v for k, v in over.items() if v is not None})
+    if args.region_all_layers:
+        spec.composer.region_all_layers = True
     pipe = load_pipeline(args.model or spec.model or "tiny-sdxl", device=args.device)
     result = compose(pipe, spec, _workspace(args))
     for p in result.paths:
@@ -353,6 +355,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                     help="Sampler of the run (auto: the papers' — composer DPM-Solver++, clora DDIM; merge the model's).")
     co.add_argument("--width", type=int, default=None)
     co.add_argument("--height", type=int, default=None)
+    co.add_argument("--region-all-layers", dest="region_all_layers", action="store_true",
+                    help="composer: each concept LoRA acts with all its UNet layers inside its box, not only its "
+                         "cross-attention as in the paper (for LoRAs that hold their subject in other layers).")
     co.add_argument("--model", default=None, help="Base model (default: the spec's, else tiny-sdxl).")
     co.add_argument("--device", default=None)
     co.set_defaults(fn=cmd_compose)

@@ -83,6 +83,9 @@ class ComposerOptions:
     """LoRA-Composer switches (each part can be turned off for ablations) and hyper-parameters (paper/code values)."""
 
     region_cross_attn: bool = _f(True, "Region-aware LoRA injection in cross-attention (off: the concept LoRAs are merged globally).")
+    region_all_layers: bool = _f(False, "Also apply each concept LoRA's other UNet layers (self-attention, feed-forward, "
+                                 "projections, cross-attention query) inside its region; the paper keeps only the "
+                                 "cross-attention keys, values and output, which loses LoRAs that hold their subject elsewhere.")
     self_attn_isolation: bool = _f(True, "Concept isolation: self-attention between different concept boxes is masked out.")
     latent_reinit: bool = _f(True, "Latent re-initialisation: move the noise that already attends to each concept into its box.")
     loss_guidance: bool = _f(True, "Loss-guided latent updates (concept enhancement + fill + region perceptual losses).")

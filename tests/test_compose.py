@@ -270,6 +270,62 @@ def test_fast_routing_equals_peft_mixed_batch(xl):
         pipe.unload_lora_weights()
 
 
+def test_spatial_routing_adds_each_concept_delta_inside_its_region_only(xl):
+    """``SpatialRouting`` (the composer's ``region_all_layers``): at a pixel layer, concept n's LoRA delta is added at
+    the pixels of its region only, averaged where regions overlap; values and gradients as PEFT's own forward."""
+    pipe, loras, _ = xl
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    from studio.attention import SpatialRouting, region_routed_layers
+
+    pipe.load_lora_weights(str(loras[0]), adapter_name="sa")
+    pipe.load_lora_weights(str(loras[1]), adapter_name="sb")
+    try:
+        named = dict(pipe.unet.named_modules())
+        layer = next(m for n, m in named.items() if n.endswith("attn1.to_q") and type(m) is LoraLinear)
+        layers = region_routed_layers(pipe.unet)
+        assert id(layer) in layers
+        assert not any(id(m) in layers for n, m in named.items() if n.endswith((".attn2.to_k", ".attn2.to_v", ".attn2.to_out.0")))
+        masks = torch.zeros(2, 8, 8)
+        masks[0, :, :5] = 1  # left five columns
+        masks[1, :, 3:] = 1  # right five: columns 3-4 are in both
+        x = torch.randn(2, 64, layer.in_features, requires_grad=True)
+        base = layer.base_layer(x)
+        delta = {a: LoraLinear.forward(layer, x, adapter_names=[a, a]) - base for a in ("sa", "sb")}
+        with adapter_routing(pipe.unet) as router:
+            router.names = ["__base__", "__base__"]
+            router.spatial = SpatialRouting(RegionMasks(masks), ["sa", "sb"], layers)
+            out = layer(x)
+            (g,) = torch.autograd.grad(out.square().sum(), x)
+            assert torch.equal(layer(torch.randn(2, 77, layer.in_features))[:, :0], base[:, :0])  # text-length input: no error
+        col = torch.arange(64) % 8
+        only_a, both, only_b = col < 3, (col >= 3) & (col < 5), col >= 5
+        expect = base + delta["sa"] * torch.where(both, 0.5, only_a.float())[None, :, None] \
+            + delta["sb"] * torch.where(both, 0.5, only_b.float())[None, :, None]
+        assert torch.allclose(out, expect, atol=1e-5)
+        (g_ref,) = torch.autograd.grad(expect.square().sum(), x)
+        assert torch.allclose(g, g_ref, atol=1e-4)
+        assert delta["sa"].abs().max() > 1e-3 and delta["sb"].abs().max() > 1e-3
+    finally:
+        pipe.delete_adapters(["sa", "sb"])
+        pipe.unload_lora_weights()
+
+
+def test_composer_all_layers_in_a_full_image_region_equals_the_lora_everywhere(xl):
+    """One concept whose region is the whole image, its prompt as the base prompt, the composer's guidance parts off:
+    with ``region_all_layers`` the result is the LoRA applied everywhere (the merge engine); as the paper (only the
+    cross-attention keys, values and output of the LoRA) it is not, since the LoRA's self-attention deltas are left out."""
+    pipe, loras, _ = xl
+    c = [dict(lora=str(loras[0]), weight=1.0, prompt="a photo of zwx dog", token="dog", region=[0, 0, 1, 1])]
+    parts_off = dict(self_attn_isolation=False, latent_reinit=False, loss_guidance=False)
+    kw = dict(prompt="a photo of zwx dog", scheduler="dpmsolver++")
+    merged = img(compose(pipe, spec(loras, "merge", c, **kw)))
+    all_layers = img(compose(pipe, spec(loras, "composer", c, composer=dict(region_all_layers=True, **parts_off), **kw)))
+    paper = img(compose(pipe, spec(loras, "composer", c, composer=parts_off, **kw)))
+    assert np.abs(all_layers - merged).max() <= 2.0
+    assert np.abs(paper - merged).mean() > 0.5
+
+
 def test_left_concept_lora_does_not_touch_right_pixels(xl):
     pipe, loras, _ = xl
     from pipelines.compose import Session  # noqa: F401 - engine toolkit is importable
@@ -497,6 +553,15 @@ def test_load_spec_yaml_json_and_cli(xl, tmp_path, capsys):
     rc = main(["--workspace", str(tmp_path / "ws"), "compose", "--prompt", "a dog", "--model", "tiny-sdxl", "--steps", "2",
                "--width", "64", "--height", "64", "--concept", f"{loras[0]}:0.8:zwx dog", "--engine", "merge", "--seed", "1"])
     assert rc == 0 and "seed: 1" in capsys.readouterr().out
+    # --region-all-layers switches the composer's option on, keeping the spec file's other options
+    rc = main(["--workspace", str(tmp_path / "ws"), "compose", str(j), "--model", "tiny-sdxl", "--region-all-layers"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    png = next(line for line in out.splitlines() if line.endswith(".png"))
+    from pipelines.generate import read_png_params
+
+    saved = read_png_params(png)["composition"]["composer"]
+    assert saved["region_all_layers"] is True and saved["loss_guidance"] is False
 
 
 @pytest.mark.parametrize("engine", ["composer", "clora"])

@@ -320,7 +320,8 @@ def test_reuse_settings_from_a_composition_png(tmp_path):
     comp = {"prompt": "two emblems", "engine": "composer", "concepts": [
         {"lora": "kavo", "weight": 0.9, "prompt": "a kavo emblem", "token": "kavo", "region": str(mask)},
         {"lora": "tesh", "weight": 1.0, "prompt": "a tesh emblem", "token": "tesh", "region": [0.5, 0.0, 1.0, 1.0]}],
-        "global_loras": [{"lora": "neon", "weight": 0.5}], "width": 0, "height": 0, "decor_remove": "", "decor_strength": 1.0}
+        "global_loras": [{"lora": "neon", "weight": 0.5}], "width": 0, "height": 0, "decor_remove": "", "decor_strength": 1.0,
+        "composer": {"region_all_layers": True}}
     png = save_png(Image.new("RGB", (64, 64)), tmp_path / "c.png", {
         "prompt": "two emblems", "negative_prompt": "", "seed": 7, "steps": 4, "guidance": 5.0, "width": 64, "height": 64,
         "model": "toy-xl", "engine": "composer", "loras": [], "composition": comp})
@@ -330,6 +331,7 @@ def test_reuse_settings_from_a_composition_png(tmp_path):
     rows = [tuple(out[11 + 4 * i: 15 + 4 * i]) for i in range(N_ROWS)]
     assert rows[0] == ("kavo", 0.9, "subject", "Subject A") and rows[1] == ("tesh", 1.0, "subject", "right half")
     assert rows[2] == ("neon", 0.5, "style", "everywhere") and rows[3][0] is None
+    assert out[11 + 4 * N_ROWS] is True and len(out) == 12 + 4 * N_ROWS  # the composer's all-layers switch comes back
     plain = tmp_path / "plain.png"
     Image.new("RGB", (8, 8)).save(plain)
     from studio.errors import InputError
@@ -366,6 +368,12 @@ def test_picking_a_lora_applies_it(studio):
     kind, cfg, _, _ = build_request(services, "a photo", "", "merge", picked_rows([("pick-me", 0, "subject", "everywhere")]),
                                     None, "", 1.0, dict(seed=3, steps=2, guidance=5.0, width=0, height=0))
     assert cfg["loras"] == []
+    # the composer's all-layers tick box reaches the spec (and only the composer's)
+    left = picked_rows([("pick-me", 1.0, "subject", "left half")])
+    for engine, tick, want in (("composer", True, {"region_all_layers": True}), ("composer", False, None), ("clora", True, None)):
+        kind, cfg, _, _ = build_request(services, "a photo", "", engine, left, None, "", 1.0,
+                                        dict(seed=3, steps=2, guidance=5.0, width=0, height=0), all_layers=tick)
+        assert kind == "compose" and cfg.get("composer") == want
 
 
 def test_library_filter_and_metadata_table():

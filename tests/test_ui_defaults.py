@@ -36,3 +36,6 @@ def test_generate_tab_defaults_follow_the_configs(tmp_path):
     assert comps["gen-steps"].value == per["merge"]["steps"] and comps["gen-guidance"].value == per["merge"]["guidance"]
     assert comps["gen-blora-style-weight"].value == DEFAULT_STYLE_WEIGHT == 1.21
     assert comps["gen-blora-content-weight"].value == 1.0
+    from studio.composition import ComposerOptions
+
+    assert comps["gen-all-layers"].value is ComposerOptions.__dataclass_fields__["region_all_layers"].default is False

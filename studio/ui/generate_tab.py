@@ -33,6 +33,8 @@ def engine_settings(per_engine: dict, engine: str, steps, guidance) -> tuple[int
 
 
 def build(services: Services) -> dict:
+    from studio.composition import ComposerOptions
+
     hints = model_hints(services.model)
     ph = hints["placeholders"]
     per_engine = actions.engine_defaults(services.model)  # steps and guidance: the config dataclasses' (and the model's)
@@ -100,6 +102,11 @@ def build(services: Services) -> dict:
                     brush=gr.Brush(colors=[regions.COLORS[s] for s in regions.SUBJECTS], color_mode="fixed"),
                     transforms=(), sources=(), elem_id="gen-regions", height=300,
                 )
+                all_layers = gr.Checkbox(value=ComposerOptions().region_all_layers, elem_id="gen-all-layers",
+                                         label="composer: each subject LoRA acts with all its layers inside its region",
+                                         info="The paper uses only a LoRA's cross-attention (and text encoder) in its region. "
+                                              "Tick it for LoRAs that hold their subject in other layers too (most community "
+                                              "LoRAs, and the toy model's), or the subject may not appear at all.")
                 region_preview = gr.Image(label="Regions over the last image", interactive=False, height=200, format="png",
                                           elem_id="gen-region-preview", elem_classes=["pixelated"], buttons=[])
             masks = gr.Gallery(label="Attention masks (clora)", columns=4, height=120, elem_id="gen-masks",
@@ -143,7 +150,7 @@ def build(services: Services) -> dict:
     for dd, w, _, _ in rows:
         dd.input(on_pick, inputs=[dd, prompt], outputs=[w, prompt], api_visibility="private", show_progress="hidden")
 
-    def on_go(p, neg, eng, dr, ds, sd, st, g, wd, ht, ed, bc, bcw, bs, bsw, bb, *row_vals):
+    def on_go(p, neg, eng, dr, ds, sd, st, g, wd, ht, ed, al, bc, bcw, bs, bsw, bb, *row_vals):
         def fail(msg: str):
             return gr.skip(), f"**⚠ Could not start:** {msg}", gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
 
@@ -156,7 +163,8 @@ def build(services: Services) -> dict:
         blora = {"content": {"lora": bc, "weight": float(bcw)} if bc else None,
                  "style": {"lora": bs, "weight": float(bsw)} if bs else None, "block_prompts": bool(bb)} if bc or bs else None
         try:
-            kind, cfg, notes, active = build_request(services, p, neg, eng, active_rows(row_vals), ed, dr, ds, common, blora)
+            kind, cfg, notes, active = build_request(services, p, neg, eng, active_rows(row_vals), ed, dr, ds, common, blora,
+                                                     all_layers=bool(al))
             jid = (actions.submit_generate if kind == "generate" else actions.submit_compose)(services, cfg)
         except actions.StudioError as exc:
             yield fail(str(exc))
@@ -186,7 +194,7 @@ def build(services: Services) -> dict:
                gr.update(value=widgets.sized(res.get("masks", [])), visible=bool(res.get("masks"))), last, prev)
 
     go.click(on_go, inputs=[prompt, negative, engine, decor_remove, decor_strength, seed, steps, guidance, width, height, editor,
-                            bl_content, bl_cw, bl_style, bl_sw, bl_blocks, *row_inputs],
+                            all_layers, bl_content, bl_cw, bl_style, bl_sw, bl_blocks, *row_inputs],
              outputs=[job_id, status, gallery, used_seed, masks, last_image, region_preview], api_visibility="private",
              concurrency_limit=None, show_progress="minimal", show_progress_on=status)  # earlier results stay visible
     engine.change(lambda e: gr.Accordion(open=True) if e != "merge" else gr.skip(), inputs=engine, outputs=regions_box,
@@ -234,7 +242,7 @@ def build(services: Services) -> dict:
             return [gr.skip()] * len(reuse_outputs[:-1]) + [f"**⚠ Could not reuse:** {exc}"]
 
     reuse_outputs = [prompt, negative, seed, steps, guidance, width, height, decor_remove, decor_strength, engine, editor,
-                     *row_inputs, status]
+                     *row_inputs, all_layers, status]
     reuse.click(on_reuse, inputs=selected_image, outputs=reuse_outputs, api_visibility="private")
     reuse_png.upload(on_reuse, inputs=reuse_png, outputs=reuse_outputs, api_visibility="private")
     return {"refresh": refresh, "refresh_outputs": [r[0] for r in rows] + [bl_content, bl_style]}
@@ -250,11 +258,12 @@ def picked_rows(rows: list[tuple]) -> list[dict]:
 
 
 def build_request(services: Services, prompt, negative, engine, active, editor_value, decor_remove, decor_strength,
-                  common: dict, blora: dict | None = None) -> tuple[str, dict, list[str], list[dict]]:
+                  common: dict, blora: dict | None = None, all_layers: bool = False) -> tuple[str, dict, list[str], list[dict]]:
     """("generate" | "compose", config, warnings, rows) for the Generate button.
 
     ``<lora:name>`` tags become the LoRA's trigger and pick the LoRA when no row has it; merge (and B-LoRA) runs as
-    a plain generation, composer/clora as a composition with the rows' regions."""
+    a plain generation, composer/clora as a composition with the rows' regions (``all_layers``: the composer's
+    ``region_all_layers``)."""
     cards = actions.lora_cards(services)
     text, tagged = widgets.expand_lora_tags(prompt, cards)
     active = list(active)
@@ -268,8 +277,10 @@ def build_request(services: Services, prompt, negative, engine, active, editor_v
         if blora:
             cfg["blora"] = blora
         return "generate", cfg, notes, active
-    return "compose", _spec(services, text, negative, engine, active, editor_value, decor_remove, decor_strength, common), \
-        notes, active
+    spec = _spec(services, text, negative, engine, active, editor_value, decor_remove, decor_strength, common)
+    if engine == "composer" and all_layers:
+        spec["composer"] = {"region_all_layers": True}
+    return "compose", spec, notes, active
 
 
 def _lora_row(i: int) -> tuple:
@@ -319,7 +330,7 @@ def reuse_values(services: Services, path: Path) -> list:
            params.get("guidance", 7.0), width, height, cfg.get("decor_remove", ""), cfg.get("decor_strength", 1.0), engine, editor]
     for i in range(N_ROWS):
         out += list(rows[i]) if i < len(rows) else [None, 1.0, "subject", regions.EVERYWHERE]
-    return out
+    return out + [bool(((comp or {}).get("composer") or {}).get("region_all_layers", False))]
 
 
 def _spec(services: Services, prompt, negative, engine, active, editor_value, decor_remove, decor_strength, common) -> dict:
