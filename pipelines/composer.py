@@ -40,8 +40,8 @@ Deviations from the paper/code:
   feed-forward, projections, cross-attention query) are added inside its region as well (``studio.attention.
   SpatialRouting``, averaged where regions overlap). A LoRA that holds its subject outside the cross-attention keys,
   values and output is otherwise lost: on the toy model a LoRA of the orthogonal recipe cut to those layers draws its
-  subject in 0 of 8 images even alone, and the composer put kavo in its box in 0 of 8 as the paper, 8 of 8 with all
-  layers (2026-11-26, bench/README.md). With one concept whose region is the whole image it equals the LoRA applied
+  subject in 0 of 8 images even alone, and the composer put kavo in its box in 0 of 32 as the paper, 32 of 32 with
+  all layers (2026-11-26, bench/README.md). With one concept whose region is the whole image it equals the LoRA applied
   everywhere (tests/test_compose.py).
 * Concept tokens are found with the tokenizer (``ConceptEntry.token``), not by whitespace splitting.
 * The loss weights are the code's (8, 2, 10), not the paper's (1, 0.25, 0.8); regions may be mask images (their
