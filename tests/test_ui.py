@@ -374,6 +374,12 @@ def test_picking_a_lora_applies_it(studio):
         kind, cfg, _, _ = build_request(services, "a photo", "", engine, left, None, "", 1.0,
                                         dict(seed=3, steps=2, guidance=5.0, width=0, height=0), all_layers=tick)
         assert kind == "compose" and cfg.get("composer") == want
+    # and the ticked composer request runs through the job queue, the switch saved in the PNG
+    _, cfg, _, _ = build_request(services, "a photo of pkm", "", "composer", left, None, "", 1.0,
+                                 dict(seed=3, steps=2, guidance=5.0, width=0, height=0), all_layers=True)
+    job = actions.wait(services, actions.submit_compose(services, cfg), timeout=600)
+    assert job["status"] == "succeeded", job
+    assert read_png_params(Path(job["result"]["outputs"][0]))["composition"]["composer"]["region_all_layers"] is True
 
 
 def test_library_filter_and_metadata_table():
