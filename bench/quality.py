@@ -914,8 +914,8 @@ def what_would_change(name: str, sec: dict) -> list[str]:
     if name == "composition":
         return [compare_line(f"{e} each in its region", g(f"{e}: each in its region"), "merge",
                              g("merge: each in its region")) for e in ("composer", "composer, all layers", "clora")] + [
-                compare_line(f"{e}: kavo on the left", g(f"{e}: kavo on the left"), "composer",
-                             g("composer: kavo on the left")) for e in ("composer, all layers",)]
+                compare_line("composer, all layers: kavo on the left", g("composer, all layers: kavo on the left"),
+                             "composer", g("composer: kavo on the left"))]
     if name == "regions":
         first = next(iter(REGION_LAYOUTS))
         return [compare_line(f"{lay}: each in its region", g(f"{lay}: each in its region"), first,

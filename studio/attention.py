@@ -107,10 +107,14 @@ def _spatial_deltas(m, x, result, spatial: SpatialRouting):
         return result
     for n, a in enumerate(spatial.adapters):
         if a in m.lora_A:
-            lora_a = m.lora_A[a]
-            delta = m.lora_B[a](lora_a(m.lora_dropout[a](x.to(lora_a.weight.dtype)))) * m.scaling[a]
-            result = result + delta.to(result.dtype) * w[n][None, :, None]
+            result = result + _lora_delta(m, a, x).to(result.dtype) * w[n][None, :, None]
     return result
+
+
+def _lora_delta(m, adapter: str, x):
+    """Adapter ``adapter``'s LoRA term of PEFT ``Linear`` ``m`` on ``x``: scaling · B(A(dropout(x)))."""
+    lora_a = m.lora_A[adapter]
+    return m.lora_B[adapter](lora_a(m.lora_dropout[adapter](x.to(lora_a.weight.dtype)))) * m.scaling[adapter]
 
 
 def region_routed_layers(unet) -> set[int]:
@@ -153,9 +157,7 @@ def _forward_runs(m, x, names, runs, *args, **kwargs):
     for a, start, end in runs:
         piece = result[start:end] if len(runs) > 1 else result
         if a != BASE and a in m.lora_A:
-            lora_a = m.lora_A[a]
-            part = x[start:end].to(lora_a.weight.dtype)
-            piece = piece + (m.lora_B[a](lora_a(m.lora_dropout[a](part))) * m.scaling[a]).to(result.dtype)
+            piece = piece + _lora_delta(m, a, x[start:end]).to(result.dtype)
         pieces.append(piece)
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
