@@ -31,6 +31,7 @@ import torch
 from pipelines.generate import LoraRef, generate, lora_entries, lora_stack, resolve_seed, run_id, save_png
 from studio.attention import adapter_routing, fused_adapters, saved_processors
 from studio.composition import CompositionSpec, ResolvedSpec, resolve
+from studio.cuda_graph import GraphedCall
 from studio.config import GenerateConfig
 from studio.errors import CancelledError
 from studio.models import architecture
@@ -253,15 +254,24 @@ class Sampler:
         self.pipe.scheduler.set_timesteps(self.steps, device=self.device)
         return self.pipe.scheduler.timesteps
 
-    def unet(self, latents: torch.Tensor, t, conds: list[Cond]) -> torch.Tensor:
-        """One UNet call on ``latents`` (already batched to match the concatenated ``conds`` rows)."""
-        emb = torch.cat([c.emb for c in conds])
-        added = None
+    def unet(self, latents: torch.Tensor, t, conds: list[Cond], graph: GraphedCall | None = None) -> torch.Tensor:
+        """One UNet call on ``latents`` (already batched to match the concatenated ``conds`` rows); with ``graph``
+        the call is replayed as a CUDA graph after its warm-up (``studio.cuda_graph``; the scheduler's input scaling,
+        which reads the scheduler's step state, stays outside the graph)."""
+        tensors = [torch.cat([c.emb for c in conds])]
         if self.xl:
-            added = {"text_embeds": torch.cat([c.text_embeds for c in conds]), "time_ids": torch.cat([c.time_ids for c in conds])}
+            tensors += [torch.cat([c.text_embeds for c in conds]), torch.cat([c.time_ids for c in conds])]
         sample = self.pipe.scheduler.scale_model_input(latents, t)
         self.evals += latents.shape[0] * (3 if torch.is_grad_enabled() and latents.requires_grad else 1)
-        return self.pipe.unet(sample, t, encoder_hidden_states=emb, added_cond_kwargs=added, return_dict=False)[0]
+        unet = self.pipe.unet
+
+        def call(sample, t, emb, *added):
+            kw = {"text_embeds": added[0], "time_ids": added[1]} if added else None
+            return unet(sample, t, encoder_hidden_states=emb, added_cond_kwargs=kw, return_dict=False)[0]
+
+        if graph is None:
+            return call(sample, t, *tensors)
+        return graph(call, sample, torch.as_tensor(t, device=sample.device), *tensors)
 
     def descend(self, z: torch.Tensor, grad: torch.Tensor, t, step_size: float) -> torch.Tensor:
         """Gradient step on the latent, taken where the papers take it: on the unit-variance latent the UNet sees.

@@ -62,6 +62,7 @@ class Router:
     def __init__(self):
         self.names: list[str] | None = None
         self.spatial: SpatialRouting | None = None
+        self.peft_path = 0  # LoRA layers routed by PEFT's own adapter_names path (gathers with host index lists)
         self._runs: tuple[tuple, list] = ((), [])
 
     def runs(self) -> list[tuple[str, int, int]]:
@@ -183,6 +184,7 @@ def adapter_routing(unet):
                 patched.append(m)
             else:  # other layer types (conv LoRA, quantised layers): PEFT's own adapter_names path
                 handles.append(m.register_forward_pre_hook(hook, with_kwargs=True))
+        router.peft_path = len(handles) + sum(1 for m in patched if getattr(m, "lora_variant", None))
         yield router
     finally:
         for m in patched:

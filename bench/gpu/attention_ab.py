@@ -1,6 +1,8 @@
-"""A/B of two versions of ``studio/attention.py`` on the composer engine, in one process on one GPU.
+"""A/B of the composer engine against a baseline, in one process on one GPU: another version of
+``studio/attention.py`` (``--baseline``) and/or other composer options (``--baseline-composer``).
 
     python -m bench.gpu.attention_ab --baseline OLD_attention.py --model sdxl-random --size 1024 --steps 20
+    python -m bench.gpu.attention_ab --baseline-composer '{"cuda_graph": false}' --model sdxl-random --size 1024
 
 Loads the model once, makes two random LoRAs and alternates plain generation, the composer with the current
 processors and the composer with the baseline file's ``StudioAttnProcessor`` (installed by patching
@@ -26,7 +28,9 @@ from bench.compose_speed import make_random_lora, timed
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--baseline", required=True, help="path of the other studio/attention.py")
+    p.add_argument("--baseline", default=None, help="path of the other studio/attention.py (default: the current one)")
+    p.add_argument("--baseline-composer", default="{}", help="JSON of ComposerOptions fields for the baseline runs")
+    p.add_argument("--composer", default="{}", help="JSON of ComposerOptions fields for the current runs")
     p.add_argument("--model", default="tiny-sdxl")
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--steps", type=int, default=20)
@@ -46,11 +50,14 @@ def main(argv=None) -> int:
     from studio.models import load_pipeline
     from trainers.triggers import RARE_TOKENS
 
-    spec_ = importlib.util.spec_from_file_location("baseline_attention", a.baseline)
-    old = importlib.util.module_from_spec(spec_)
-    sys.modules["baseline_attention"] = old  # dataclasses look their module up
-    spec_.loader.exec_module(old)
-    old.MapsCaptured = cur.MapsCaptured  # the composer catches the current module's class (maps-only loss forward)
+    if a.baseline:
+        spec_ = importlib.util.spec_from_file_location("baseline_attention", a.baseline)
+        old = importlib.util.module_from_spec(spec_)
+        sys.modules["baseline_attention"] = old  # dataclasses look their module up
+        spec_.loader.exec_module(old)
+        old.MapsCaptured = cur.MapsCaptured  # the composer catches the current module's class (maps-only loss forward)
+    else:
+        old = cur
     new_proc = cur.StudioAttnProcessor
 
     pipe = load_pipeline(a.model, device=a.device)
@@ -59,8 +66,10 @@ def main(argv=None) -> int:
     loras = [make_random_lora(pipe, tmp / f"l{i}.safetensors", i, trigger=RARE_TOKENS[i], class_word=w) for i, w in enumerate(words)]
     prompt = "a " + " and a ".join(words)
     n = len(loras)
-    spec = CompositionSpec(prompt=prompt, engine="composer", seed=1, steps=a.steps, width=a.size, height=a.size,
-                           concepts=[dict(lora=str(lp), region=[i / n, 0.0, (i + 1) / n, 1.0]) for i, lp in enumerate(loras)])
+    concepts = [dict(lora=str(lp), region=[i / n, 0.0, (i + 1) / n, 1.0]) for i, lp in enumerate(loras)]
+    specs = {which: CompositionSpec(prompt=prompt, engine="composer", seed=1, steps=a.steps, width=a.size, height=a.size,
+                                    concepts=concepts, composer=json.loads(opts))
+             for which, opts in (("current", a.composer), ("baseline", a.baseline_composer))}
     stats, images = {}, {}
 
     def plain(progress):
@@ -70,10 +79,10 @@ def main(argv=None) -> int:
         def run(progress):
             cur.StudioAttnProcessor = new_proc if which == "current" else old.StudioAttnProcessor
             try:
-                r = compose(pipe, spec, None, progress=progress, save=False)
+                r = compose(pipe, specs[which], None, progress=progress, save=False)
             finally:
                 cur.StudioAttnProcessor = new_proc
-            stats[which] = {k: r.stats.get(k) for k in ("latent_updates", "loss", "unet_evals")}
+            stats[which] = {k: r.stats.get(k) for k in ("latent_updates", "loss", "unet_evals", "cuda_graph", "cuda_graph_replays")}
             images[which] = np.asarray(r.images[0], dtype=np.float32)
         return run
 
@@ -86,7 +95,8 @@ def main(argv=None) -> int:
             times[k].append(timed(fn, a.steps)[0])
     best = {k: min(v) for k, v in times.items()}
     diff = float(abs(images["current"] - images["baseline"]).max())
-    row = {"model": a.model, "size": a.size, "steps": a.steps, "loras": n, "device": str(pipe.device),
+    row = {"baseline": a.baseline or "current attention.py", "composer": json.loads(a.composer),
+           "baseline_composer": json.loads(a.baseline_composer), "model": a.model, "size": a.size, "steps": a.steps, "loras": n, "device": str(pipe.device),
            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
            "sec_per_step": best, "all": times, "x_plain": {k: best[k] / best["plain"] for k in best},
            "stats": stats, "image_max_abs_diff": diff}
