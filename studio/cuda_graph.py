@@ -51,7 +51,8 @@ class GraphedCall:
         try:
             self.static_in = [x.clone() for x in inputs]
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            # thread_local: a job on another thread of the app may use the GPU meanwhile without breaking the capture
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self.static_out = fn(*self.static_in)
         except Exception as e:  # an operator that cannot be captured: eager from now on, and say so
             self.static_in, self.static_out = [], None
