@@ -718,8 +718,9 @@ def section_regions(ctx: Context) -> dict:
             "setup": {"prompt": prompt, "layouts": {k: list(v) for k, v in REGION_LAYOUTS.items()}, "images_per_layout": n,
                       "gen_steps": ctx.steps, "guidance": ctx.guidance, "seed": ctx.seed},
             "metrics": metrics, "rows": rows, "grid": "regions_grid.png",
-            "notes": "grid: 8 images per layout in table order. The toy UNet attends only at 8x8 and 4x4 (of a 16x16 "
-                     "latent), so a box must leave room around the object at those grids."}
+            "notes": "grid: 8 images per layout in table order. A model trained only on complete captions learns that "
+                     "a one-object caption means one object in the image, so a box whose prompt names one object stays "
+                     "empty once another box draws its own (bench/regions_diag.py; partial captions in pretraining fix it)."}
 
 
 BLORA_CONTENT, BLORA_STYLE = "zeph", "neon"

@@ -338,3 +338,23 @@ def test_pretrain_toy_lr_restart_schedule():
     d = mod.build_parser().parse_args([])  # the documented one command (no options) is the committed run's recipe
     assert (d.unet_steps, d.lr_restart, d.vae_steps, d.vae_crop, d.threads) == (17000, [9000, 14000], 12000, True, 2)
     assert info["vae"]["steps"] == d.vae_steps and info["unet"]["batch"] == d.batch and info["unet"]["lr"] == d.lr
+    # the bundled weights add the partial-caption fine-tune (session 14): its recorded command parses to what it records
+    ft = info["finetune"]
+    f = mod.build_parser().parse_args(ft["command"].split("pretrain_toy.py", 1)[1].split())
+    assert (f.init_from, f.unet_steps, f.lr, f.partial_captions, f.n_scenes) == \
+        ("assets/toy-xl", ft["steps"], ft["lr"], ft["partial_captions"], ft["n_scenes"]) and ft["partial_captions"] > 0
+
+
+def test_partial_captions_name_one_object_of_some_two_object_scenes():
+    """``--partial-captions``: that share of the two-object scenes is captioned with one of its objects only (the
+    other is still drawn); 0 keeps every caption complete, so the default cache is unchanged."""
+    mod = _pretrain_toy()
+    imgs, full = mod.render_pool(400, 5, 1, two_object_prob=0.5)
+    _, part = mod.render_pool(400, 5, 1, two_object_prob=0.5, partial=0.5)
+    two = [i for i, c in enumerate(full) if " and a" in c]  # "and a" / "and an"
+    cut = [i for i in two if " and a" not in part[i]]
+    assert len(imgs) == 400 and 0.3 * len(two) < len(cut) < 0.7 * len(two)
+    assert all(part[i] == full[i] for i in range(400) if i not in cut)
+    for i in cut:  # the kept object's phrase and the scene's background and style, word for word
+        head, rest = full[i].split(", ", 1)
+        assert part[i].endswith(", " + rest) and part[i].split(", ", 1)[0] in head.split(" and ")
