@@ -699,7 +699,10 @@ def section_regions(ctx: Context) -> dict:
     (sa, ca), (sb, cb) = REGION_SHAPES
     context = "on a cyan plain background, flat style"
     prompt = f"a {ca} {sa} on the left and a {cb} {sb} on the right, {context}"
-    la, lb = (_orth_lora(ctx, s) for s in COMPOSE_PAIR)  # any two LoRA files: at weight 0 they add nothing
+    from bench.compose_speed import make_random_lora
+
+    # any two LoRA files of this model: at weight 0 they add nothing (random ones: nothing to train)
+    la, lb = (make_random_lora(ctx.pipe, _workspace(ctx).loras / f"weight0-{i}.safetensors", i) for i in range(2))
     n = ctx.n_compose
     rows, metrics, grid_imgs = [], {}, []
     for label, (box_a, box_b) in REGION_LAYOUTS.items():
@@ -1031,7 +1034,7 @@ def to_markdown(report: dict) -> str:
 
 # Seconds of each section on this machine at the defaults (1 thread; bench/README.md): how --jobs balances its processes
 SECTION_SECONDS = {"base": 36, "dreambooth": 101, "orthogonal": 1300, "decor": 555, "composition": 1165, "blora": 75,
-                   "vae": 357, "blocks": 128, "regions": 520}
+                   "vae": 357, "blocks": 128, "regions": 463}
 
 
 def split_sections(names: list[str], jobs: int) -> list[list[str]]:
