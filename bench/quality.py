@@ -689,18 +689,18 @@ REGION_LAYOUTS = {"the composition section's boxes": (LEFT_BOX, RIGHT_BOX),
                   "full-height halves": ((0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0)),
                   "full-height, 0.6 wide, overlapping": ((0.0, 0.0, 0.6, 1.0), (0.4, 0.0, 1.0, 1.0))}
 REGION_SHAPES = (("square", "yellow"), ("hexagon", "red"))
+REGION_CONTEXT = "on a cyan plain background, flat style"
 
 
 def section_regions(ctx: Context) -> dict:
     """Regional prompting of the base model (the composer with its concepts' LoRAs at weight 0, guidance parts on):
     two known shapes, one per box, per box layout. The ceiling of any regional engine on this model and boxes."""
+    from bench.compose_speed import make_random_lora
     from studio.composition import ConceptEntry
 
     (sa, ca), (sb, cb) = REGION_SHAPES
-    context = "on a cyan plain background, flat style"
+    context = REGION_CONTEXT
     prompt = f"a {ca} {sa} on the left and a {cb} {sb} on the right, {context}"
-    from bench.compose_speed import make_random_lora
-
     # any two LoRA files of this model: at weight 0 they add nothing (random ones: nothing to train)
     la, lb = (make_random_lora(ctx.pipe, _workspace(ctx).loras / f"weight0-{i}.safetensors", i) for i in range(2))
     n = ctx.n_compose

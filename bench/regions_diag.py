@@ -23,10 +23,9 @@ from pathlib import Path
 import torch
 
 from bench.compose_speed import make_random_lora
-from bench.quality import LEFT_BOX, RIGHT_BOX, Context, _gen, _rate, compose_images
+from bench.quality import LEFT_BOX, REGION_CONTEXT as CONTEXT, RIGHT_BOX, Context, _gen, _rate, compose_images
 from studio.judge import Judge
 
-CONTEXT = "on a cyan plain background, flat style"
 BASE = f"a yellow square on the left and a red hexagon on the right, {CONTEXT}"
 LEFT, RIGHT = f"a yellow square on the left, {CONTEXT}", f"a red hexagon on the right, {CONTEXT}"
 HALVES = ((0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0))
