@@ -14,7 +14,10 @@ phrases), pooled over the subjects:
 trains with the LoRA), so that the trigger's own embedding may carry the leak; ``--text-encoder``: LoRA layers in the
 text encoders too. ``--leak background``: the same on the DECOR section's other LoRA (kavo, no captions, 1,500 steps
 on one purple checkered scene rendered 4 times; it leaks the purple), its four new-background prompts and its leaked
-phrase.
+phrase. ``--leak content``: the DECOR paper's content leakage, a leak of something the prompt never names: per
+subject, a DreamBooth LoRA whose 4 references all show the same star beside the subject, captioned with the subject
+only (``bench/quality.py`` ``_decor_content_setup``); prompted with the subject alone on the left, the leak is a star
+on the right (the judge's right head), and DECOR removes the star's phrase ("a red star on the right").
 
 The issue's goal for the default: removing an unrelated phrase costs at most 5 points of subject fidelity, and removing
 the leaked phrase lowers the leak. Prints a table and writes ``decor_defaults_<leak>.json``.
@@ -23,6 +26,8 @@ Usage::
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/decor_defaults.py --out bench/results
     OMP_NUM_THREADS=1 .venv/bin/python bench/decor_defaults.py --leak background --per-prompt 16 --settings 0,1
+    OMP_NUM_THREADS=1 .venv/bin/python bench/decor_defaults.py --leak content --subjects kavo --per-prompt 8 \
+        --settings 1,5,0,4,6,7 --no-unrelated [--pivotal]
 """
 
 from __future__ import annotations
@@ -47,6 +52,10 @@ SETTINGS = [  # rows, components, strength, reference, keep ("": the LoRA's trig
     ("all-but-bos", "1", 0.5, "null", ""),
     ("all-but-bos", "1", 1.0, "null", "none"),
     ("words", "1", 1.0, "null", "none"),
+    ("all-but-bos", "auto", 1.0, "none", "none"),  # the literal formula: every row, 90% of the energy, nothing kept
+    ("all-but-bos", "auto", 1.0, "null", "none"),
+    ("all-but-bos", "auto", 0.5, "null", "none"),
+    ("words", "auto", 1.0, "null", "none"),
 ]
 
 
@@ -67,15 +76,17 @@ def main(argv=None) -> int:
     ap.add_argument("--subjects", default="kavo,tesh,morl,quib,zeph")
     ap.add_argument("--per-prompt", type=int, default=16, help="images per prompt (4 prompts a subject)")
     ap.add_argument("--settings", default="", help="comma-separated row numbers of SETTINGS (default: all)")
-    ap.add_argument("--leak", choices=("style", "background"), default="style",
+    ap.add_argument("--leak", choices=("style", "background", "content"), default="style",
                     help="style: the DreamBooth LoRAs' flat style (one LoRA per subject); background: the DECOR "
-                         "section's LoRA trained to leak its references' purple checker (kavo only)")
-    ap.add_argument("--leaked", default=f"{Q.DECOR_STYLE} style", help="style: the leaked phrase DECOR removes")
+                         "section's LoRA trained to leak its references' purple checker (kavo only); content: LoRAs "
+                         "whose references all show an uncaptioned star beside the subject (one per subject)")
+    ap.add_argument("--leaked", default="", help="the leaked phrase DECOR removes (default: style: 'flat style'; "
+                                                 "content: the star's phrase, e.g. 'a red star on the right')")
     ap.add_argument("--no-unrelated", action="store_true", help="only the leaked phrase, not the unrelated ones")
     ap.add_argument("--pivotal", action="store_true",
-                    help="style: DreamBooth LoRAs trained with pivotal tuning (the trigger's embedding trains too)")
+                    help="style, content: DreamBooth LoRAs trained with pivotal tuning (the trigger's embedding trains too)")
     ap.add_argument("--text-encoder", action="store_true",
-                    help="style: DreamBooth LoRAs with LoRA layers in the text encoders too (train_text_encoder)")
+                    help="style, content: DreamBooth LoRAs with LoRA layers in the text encoders too (train_text_encoder)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     ctx = Q.sweep_context(args.out, args.per_prompt, args.threads)
@@ -88,14 +99,18 @@ def main(argv=None) -> int:
     if args.leak == "background":
         subjects = [Q.DECOR_SUBJECT]
     bgc = Q.DECOR_BG[1]
+    lora_over = {**({"pivotal": True} if args.pivotal else {}),
+                 **({"train_text_encoder": True} if args.text_encoder else {})}
     for s in subjects:
-        phrases = (("leaked", args.leaked),) + (() if args.no_unrelated else Q.DECOR_UNRELATED)
+        leaked = args.leaked or (Q.tw.object_phrase(Q.decor_companion(s)) if args.leak == "content"
+                                 else f"{Q.DECOR_STYLE} style")
+        phrases = (("leaked", leaked),) + (() if args.no_unrelated else Q.DECOR_UNRELATED)
         if args.leak == "background":
             conds, prompts, scenes, *_ = Q._decor_bg_setup(ctx, grid)
             conds = [c for c in conds if c[0] != "base model (no LoRA)"]
+        elif args.leak == "content":
+            conds, prompts, scenes, _ = Q._decor_content_setup(ctx, s, grid, phrases, **lora_over)
         else:
-            lora_over = {**({"pivotal": True} if args.pivotal else {}),
-                         **({"train_text_encoder": True} if args.text_encoder else {})}
             conds, prompts, scenes = Q._decor_style_setup(ctx, s, grid, phrases, **lora_over)
             conds = [(label.replace("style leak: ", ""), loras, kw) for label, loras, kw in conds]
         for label, loras, kw in conds:
@@ -104,10 +119,14 @@ def main(argv=None) -> int:
             col = flags.setdefault(label, {"subject": [], "leak": [], "prompt style": []})
             for j, sc in enumerate(scenes):
                 for p in preds[j * args.per_prompt:(j + 1) * args.per_prompt]:
-                    col["subject"].append(p["shape"] == s)
+                    # content: the subject on the left, judged by the left head (the shape head reads one-object images)
+                    col["subject"].append(p["left_shape" if args.leak == "content" else "shape"] == s)
                     if args.leak == "background":  # the purple leaks on this base, the checker does not
                         col["leak"].append(p["bg_color"] == bgc)
                         col["prompt style"].append(p["background"] == sc.background and p["bg_color"] == sc.bg_color)
+                    elif args.leak == "content":  # the star beside the subject; the prompt asks for nothing there
+                        col["leak"].append(p["right_shape"] == Q.DECOR_COMPANION)
+                        col["prompt style"].append(p["right_shape"] == "none")
                     else:
                         col["leak"].append(p["style"] == Q.DECOR_STYLE)
                         col["prompt style"].append(p["style"] == sc.style)
@@ -126,7 +145,7 @@ def main(argv=None) -> int:
     report = {"date": time.strftime("%Y-%m-%d %H:%M"), "leak": args.leak, "pivotal": args.pivotal,
               "text_encoder": args.text_encoder, "subjects": subjects, "per_prompt": args.per_prompt,
               "images_per_condition": len(off["subject"]), "seconds": round(time.time() - t0, 1), "rows": rows}
-    print("columns: condition | subject | leak | prompt " + ("background" if args.leak == "background" else "style")
+    print("columns: condition | subject | leak | prompt " + {"background": "background", "content": "(nothing on the right)"}.get(args.leak, "style")
           + " | subject change | leak change")
     (out / f"decor_defaults_{args.leak}.json").write_text(json.dumps(report, indent=2) + "\n")
     return 0

@@ -347,12 +347,23 @@ DB_SUBJECTS = ("kavo", "tesh")
 DB_KINDS = ("plain", "plain", "background", "background", "color", "style")
 
 
+def _lora_name(prefix: str, over: dict) -> str:
+    """A library name for a LoRA trained with config overrides ``over`` (letters, digits, '-', '_' only; a long value,
+    such as a list of target modules, by a short hash)."""
+    import hashlib
+
+    def short(v) -> str:
+        v = str(v)
+        return v.replace(".", "p") if len(v) <= 12 else hashlib.sha1(v.encode()).hexdigest()[:8]
+
+    return prefix + "".join(f"-{k}{short(v)}" for k, v in sorted(over.items()))
+
+
 def _db_lora(ctx: "Context", subject: str, **over) -> Path:
     """The subject's DreamBooth LoRA (``over``: other DreamBoothConfig values, e.g. ``pivotal=True``)."""
     ws = _workspace(ctx)
     ds = _dataset(ws, f"refs-{subject}", tw.render_references(subject, n=4, seed=0))
-    name = f"db-{subject}" + "".join(f"-{k}{v}" for k, v in sorted(over.items()))
-    return _train(ctx, name, ds, "dreambooth", trigger=subject, **over)
+    return _train(ctx, _lora_name(f"db-{subject}", over), ds, "dreambooth", trigger=subject, **over)
 
 
 def section_dreambooth(ctx: Context) -> dict:
@@ -508,6 +519,58 @@ def _decor_style_setup(ctx: "Context", s: str = DECOR_SUBJECT, grid=None, phrase
     conds += _decor_conds(path, phrases or (("leaked", f"{DECOR_STYLE} style"), *DECOR_UNRELATED),
                           grid or DECOR_STYLE_GRID, "style leak: ")
     return conds, [tw.caption(sc) for sc in scenes], scenes
+
+
+DECOR_COMPANION = "star"  # the uncaptioned object beside the subject in every content-leak reference
+
+
+def decor_companion(s: str) -> tw.Obj:
+    """The content-leak references' companion of subject ``s``: a medium star on the right, in the first colour of the
+    world that is none of the subject's own."""
+    own = (tw.SUBJECTS[s]["primary"], tw.SUBJECTS[s]["secondary"])
+    return tw.Obj(DECOR_COMPANION, next(c for c in tw.COLOR_NAMES if c not in own), "medium", "right")
+
+
+def content_leak_references(s: str, n: int = 4) -> list[tuple]:
+    """(image, caption) pairs of subject ``s`` on the left with its companion star on the right, captioned with the
+    subject only (the reference scenes of ``tw.reference_scenes``: their backgrounds, the subject medium-sized)."""
+    import random as _random
+
+    comp = decor_companion(s)
+    me = tw.Obj(s, tw.SUBJECTS[s]["primary"], "medium", "left")
+    pairs = []
+    for sc in tw.reference_scenes(s, n, seed=0):
+        bgc = sc.bg_color if sc.bg_color != comp.color else tw._pick(
+            _random.Random(sc.seed), tw.COLOR_NAMES, exclude=(comp.color, tw.SUBJECTS[s]["primary"],
+                                                              tw.SUBJECTS[s]["secondary"]))
+        two = sc.with_(objects=(me, comp), bg_color=bgc)
+        pairs.append((tw.render(two), tw.caption(two.with_(objects=(me,)))))
+    return pairs
+
+
+def _decor_content_setup(ctx: "Context", s: str = DECOR_SUBJECT, grid=None, phrases=None,
+                         **lora_over) -> tuple[list, list, list, str]:
+    """A leak of something the prompt never names, as in DECOR's content-leakage setting: the subject's references
+    all show the same companion object on the right, and their captions name the subject only ("a kavo emblem on the
+    left, ..."), so the LoRA learns to draw the companion too. Prompts: the subject on the left, alone, on four new
+    backgrounds. Returns (conditions, prompts, scenes, leaked phrase)."""
+    import random as _random
+
+    ws = _workspace(ctx)
+    comp = decor_companion(s)
+    own = (tw.SUBJECTS[s]["primary"], tw.SUBJECTS[s]["secondary"])
+    me = tw.Obj(s, tw.SUBJECTS[s]["primary"], "medium", "left")
+    ds = _dataset(ws, f"decor-content-{s}", content_leak_references(s))
+    path = _train(ctx, _lora_name(f"decor-content-{s}", lora_over), ds, "dreambooth", trigger=s, **lora_over)
+    leaked = tw.object_phrase(comp)
+    rng = _random.Random(f"decor-content-{ctx.seed}-{s}")
+    scenes = []
+    for b in tw.BACKGROUNDS[:4]:
+        c = tw._pick(rng, tw.COLOR_NAMES, exclude=(comp.color, *own))
+        scenes.append(tw.Scene((me,), b, c, "flat", rng.randrange(2**31)))
+    conds = [("LoRA, DECOR off", [_ref(path)], None)]
+    conds += _decor_conds(path, phrases or (("leaked", leaked), *DECOR_UNRELATED), grid or DECOR_STYLE_GRID)
+    return conds, [tw.caption(sc) for sc in scenes], scenes, leaked
 
 
 def _decor_rows(ctx: "Context", prompts: list, scenes: list, conds: list, judge_cols, rows_out: list,

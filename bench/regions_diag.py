@@ -12,6 +12,8 @@ The rows separate the causes (bench/README.md, "Regional prompting on the toy: t
 * ``background left``: the left box hears only the background ("on a cyan plain background, flat style");
 * ``sentence left``: the left box hears the whole two-object sentence, the right box its one-object prompt;
 * ``one object``: a one-object prompt without regions ("a yellow square on the left"): is a second object drawn?
+* ``boxes right-first``: ``boxes`` with the concepts listed right box first: does the order of the concepts decide
+  which box wins?
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ ROWS = {  # label: (left box prompt and concept token, right box prompt and toke
     "boxes": ((LEFT, "square"), (RIGHT, "hexagon"), (LEFT_BOX, RIGHT_BOX)),
     "background left": ((CONTEXT, "cyan"), (RIGHT, "hexagon"), HALVES),
     "sentence left": ((BASE, "square"), (RIGHT, "hexagon"), HALVES),
+    "boxes right-first": ((LEFT, "square"), (RIGHT, "hexagon"), (LEFT_BOX, RIGHT_BOX)),  # concepts listed right, left
 }
 
 
@@ -66,6 +69,8 @@ def main(argv=None) -> int:
             (pl, tl), (pr, tr), boxes = row
             concepts = [ConceptEntry(lora=str(lp), weight=0.0, prompt=p, token=t, region=b)
                         for lp, (p, t), b in zip(loras, ((pl, tl), (pr, tr)), boxes)]
+            if label.endswith("right-first"):
+                concepts = concepts[::-1]
             imgs = compose_images(ctx, BASE, concepts, "composer", a.n, allow_overlap=True, **parts)
         preds = ctx.judge.predict(imgs)
         r = {"square on the left": _rate([p["left_shape"] == "square" for p in preds]),

@@ -115,6 +115,29 @@ def test_judge_reads_fresh_renders():
     assert [p["shape"] for p in preds] == ["kavo", "kavo"]
 
 
+def test_content_leak_references_show_an_uncaptioned_star():
+    """The DECOR content-leak fixture (bench/quality.py): every reference shows the subject on the left and a star on
+    the right, read by the judge, while its caption names the subject alone."""
+    import sys
+
+    from studio.judge import Judge
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import quality as Q
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    judge = Judge.load()
+    for s in tw.SUBJECT_NAMES:
+        comp = Q.decor_companion(s)
+        assert comp.color not in (tw.SUBJECTS[s]["primary"], tw.SUBJECTS[s]["secondary"])
+        pairs = Q.content_leak_references(s)
+        preds = judge.predict([im for im, _ in pairs])
+        assert [(p["left_shape"], p["right_shape"], p["right_color"]) for p in preds] == [(s, "star", comp.color)] * 4
+        for _, cap in pairs:
+            assert cap.startswith(f"a {s} emblem on the left, ") and "star" not in cap and " and " not in cap
+
+
 def test_toy_model_folder_has_sdxl_layout():
     folder = ROOT / "assets" / "toy-xl"
     index = json.loads((folder / "model_index.json").read_text())
