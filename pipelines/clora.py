@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pipelines.compose import Cond, ComposeResult, Sampler, check_stop, engine_session, latent_masks
+from pipelines.sampler import Cond, ComposeResult, Sampler, check_stop, engine_session, latent_masks
 from studio.attention import AttnControl, MapsCaptured, install, layer_hw, map_resolution
 from studio.composition import ResolvedSpec, clora_groups
 

@@ -60,7 +60,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from pipelines.compose import Cond, ComposeResult, Sampler, check_stop, engine_session, latent_masks
+from pipelines.sampler import Cond, ComposeResult, Sampler, check_stop, engine_session, latent_masks
 from studio.attention import (AttnControl, MapsCaptured, RegionKV, RegionMasks, SpatialRouting, install, layer_hw,
                               map_resolution, region_routed_layers)
 from studio.composition import ResolvedSpec, token_positions
