@@ -11,11 +11,10 @@ from __future__ import annotations
 
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from pipelines.generate import LoraRef, lora_stack
+from pipelines.generate import GenerateResult, LoraRef, lora_stack
 from studio.attention import adapter_routing, fused_adapters, saved_processors
 from studio.composition import ResolvedSpec
 from studio.cuda_graph import GraphedCall
@@ -24,11 +23,9 @@ from studio.models import architecture
 
 
 @dataclass
-class ComposeResult:
-    paths: list[Path]
-    seed: int
-    images: list = field(default_factory=list)
-    params: dict = field(default_factory=dict)
+class ComposeResult(GenerateResult):
+    """A generation's result (paths, seed, images, params) plus what the composition engine did."""
+
     masks: list | None = None  # clora: one PIL mask per pass (base first), at image size, for previews
     # what the engine did: latent_updates (count), loss (mean guidance loss), unet_evals (sample-evaluations,
     # backward = 2), scheduler, seconds, steps, and each engine's own details
