@@ -81,6 +81,18 @@ Recipes::
     for f in unet/diffusion_pytorch_model text_encoder/model text_encoder_2/model; do
         cp workspace/pretrain_out/partial/$f.safetensors assets/toy-xl/$f.safetensors; done
 
+    # IN PROGRESS (session 15, 2026-11-26): the recipe below with partial captions from the first step, to replace the
+    # base + fine-tune above by one from-scratch run inside the 4-hour budget (the fine-tune adds 17 minutes to the
+    # 3.9 hours below). The VAE stage is the bundled one (the same command's stage 1, seed 0); the UNet stage costs
+    # the same per step as without partial captions. State in workspace/pretrain_toy/pc-scratch (git-ignored): run the
+    # same command again to continue; step 3,500 of 17,000 reached in session 15's first hour (one thread), then two.
+    while :; do
+        OMP_NUM_THREADS=2 python scripts/pretrain_toy.py --vae-from assets/toy-xl --eval-n 0 --partial-captions 0.5 \
+            --threads 2 --probe-minutes 30 --max-minutes 60 --out workspace/pretrain_out/pc-scratch \
+            --state workspace/pretrain_toy/pc-scratch
+        [ $? -eq 75 ] || break
+    done
+
     # the 17,000-step base of the committed toy-xl (sessions 11-12, 2026-11-26): the whole model from scratch on this machine's CPU, both
     # cores, no GPU, one command (the defaults: --vae-crop --vae-steps 12000 --vae-batch 16 --eval-n 400 --threads 2
     # --unet-steps 17000 --lr-restart 9000,14000 --batch 32 --lr 1e-3 --n-scenes 40000 --zero-snr). Timed on 2
