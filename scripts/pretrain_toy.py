@@ -85,7 +85,8 @@ Recipes::
     # base + fine-tune above by one from-scratch run inside the 4-hour budget (the fine-tune adds 17 minutes to the
     # 3.9 hours below). The VAE stage is the bundled one (the same command's stage 1, seed 0); the UNet stage costs
     # the same per step as without partial captions. State in workspace/pretrain_toy/pc-scratch (git-ignored): run the
-    # same command again to continue; step 3,500 of 17,000 reached in session 15's first hour (one thread), then two.
+    # same command again to continue; session 15 reached step 10,000 of 17,000 (first hour one thread, then two at
+    # 0.69 s/step; about 80 minutes of two cores remain). Probe at 9,147: shape 81%, style 88%, two-object sides 81%.
     while :; do
         OMP_NUM_THREADS=2 python scripts/pretrain_toy.py --vae-from assets/toy-xl --eval-n 0 --partial-captions 0.5 \
             --threads 2 --probe-minutes 30 --max-minutes 60 --out workspace/pretrain_out/pc-scratch \
