@@ -344,7 +344,8 @@ def test_pretrain_toy_killed_sitting_keeps_its_minutes(tmp_path, monkeypatch):
 def test_pretrain_toy_lr_restart_schedule():
     """The warm-restart schedule (``--unet-steps 7000 --lr-restart 4500``, the toy-xl before session 11): a cosine that
     ends at 5% of the lr at step 4,500, then a warm restart that follows the 7,000-step cosine (SGDR-like); without a
-    restart, one cosine. The committed toy-xl is the script's default recipe: 17,000 steps, restarts at 9,000 and 14,000."""
+    restart, one cosine. The committed toy-xl is the script's default recipe (17,000 steps, restarts at 9,000 and 14,000)
+    with ``--partial-captions 0.5``."""
     mod = _pretrain_toy()
     lr = lambda s, restart=4500: mod.unet_lr(s, 7000, 1e-3, restart)  # noqa: E731
     assert lr(4499) == pytest.approx(5e-5, rel=1e-3)  # the first cosine has decayed to its floor
@@ -358,14 +359,18 @@ def test_pretrain_toy_lr_restart_schedule():
     assert longer(7000) > 2 * lr(6999) and longer(8999) == pytest.approx(5e-5, rel=1e-2)
     info = json.loads((ROOT / "assets" / "toy-xl" / "training_info.json").read_text())
     assert info["unet"]["steps"] == info["unet"]["target_steps"] == 17000 and info["unet"]["lr_restart"] == [9000, 14000]
-    d = mod.build_parser().parse_args([])  # the documented one command (no options) is the committed run's recipe
+    d = mod.build_parser().parse_args([])  # the defaults: the committed recipe but for --partial-captions (below)
     assert (d.unet_steps, d.lr_restart, d.vae_steps, d.vae_crop, d.threads) == (17000, [9000, 14000], 12000, True, 2)
     assert info["vae"]["steps"] == d.vae_steps and info["unet"]["batch"] == d.batch and info["unet"]["lr"] == d.lr
-    # the bundled weights add the partial-caption fine-tune (session 14): its recorded command parses to what it records
-    ft = info["finetune"]
-    f = mod.build_parser().parse_args(ft["command"].split("pretrain_toy.py", 1)[1].split())
-    assert (f.init_from, f.unet_steps, f.lr, f.partial_captions, f.n_scenes) == \
-        ("assets/toy-xl", ft["steps"], ft["lr"], ft["partial_captions"], ft["n_scenes"]) and ft["partial_captions"] > 0
+    # the bundled weights are one from-scratch run with partial captions (session 16): the recorded command and every
+    # sitting as it ran parse to the recipe the run records
+    u = info["unet"]
+    runs = [info["command"].split("pretrain_toy.py", 1)[1].split()] + [s["argv"] for s in info["sittings"]]
+    for argv in runs:
+        a = mod.build_parser().parse_args(argv)
+        assert (a.init_from, a.unet_steps, a.lr_restart, a.batch, a.lr, a.partial_captions, a.n_scenes) == \
+            (None, u["steps"], u["lr_restart"], u["batch"], u["lr"], u["partial_captions"], u["n_scenes"])
+    assert u["partial_captions"] == 0.5 and u["init_from"] is None and "finetune" not in info
 
 
 def test_partial_captions_name_one_object_of_some_two_object_scenes():
