@@ -46,7 +46,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -253,6 +255,9 @@ def _train(ctx: "Context", name: str, dataset: str, method: str = "dreambooth", 
     if name in cache:
         return cache[name]["path"]
     ws = _workspace(ctx)
+    share = ctx.extra.get("lora_share")
+    if share and _take_shared(Path(share), ws, name, cache):
+        return cache[name]["path"]
     rec = _recipe(method, ws)
     kw = dict(name=name, images=dataset, model=ctx.model_ref, trigger=over.pop("trigger", "emblem"), steps=DB_STEPS,
               rank=DB_RANK, lr=DB_LR, resolution=METHOD_RES, sample_steps=2, seed=ctx.seed % 1000)
@@ -267,8 +272,36 @@ def _train(ctx: "Context", name: str, dataset: str, method: str = "dreambooth", 
         raise RuntimeError(f"training {name} ended {res.status}")
     cache[name] = {"path": ws.lora_path(name), "seconds": round(secs, 1), "final_loss": float(np.mean(res.losses[-20:]))}
     log(f"  trained {name} ({method}, {cfg.steps} steps, rank {cfg.rank}, lr {cfg.lr}) in {secs:.0f} s")
+    if share:
+        _give_shared(Path(share), ws, name, cache[name])
     del pipe
     return ws.lora_path(name)
+
+
+def _give_shared(share: Path, ws, name: str, entry: dict) -> None:
+    """``--jobs``: offer a trained LoRA to the other processes (files first, then ``<name>.done``; each by rename)."""
+    for src in ws.lora_files(name):
+        if src.exists():
+            tmp = share / f".{src.name}.{os.getpid()}.tmp"
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, share / src.name)
+    tmp = share / f".{name}.done.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps({k: v for k, v in entry.items() if k != "path"}))
+    os.replace(tmp, share / f"{name}.done")
+
+
+def _take_shared(share: Path, ws, name: str, cache: dict) -> bool:
+    """``--jobs``: use the LoRA another process of the same run has already trained under this name (same argv, so the
+    same recipe, steps and seed: what one process would have reused from its own cache)."""
+    done = share / f"{name}.done"
+    if not done.is_file():
+        return False
+    for dst in ws.lora_files(name):
+        if (share / dst.name).exists():
+            shutil.copyfile(share / dst.name, dst)
+    cache[name] = {"path": ws.lora_path(name), **json.loads(done.read_text()), "shared": True}
+    log(f"  {name}: trained by the other process, reused")
+    return True
 
 
 def _batches(n: int):
@@ -1127,24 +1160,31 @@ def _without(argv: list[str], options: tuple[str, ...]) -> list[str]:
 def run_parallel(args, argv: list[str]) -> int:
     """``--jobs N``: the sections in N child processes (``--out OUT/part-i``), merged into OUT's report."""
     import pickle
-    import shutil
     import subprocess
 
     names = [s.strip() for s in args.sections.split(",") if s.strip()]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     groups = split_sections(names, args.jobs)
-    base = _without(argv, ("--jobs", "--sections", "--out", "--part"))
+    base = _without(argv, ("--jobs", "--sections", "--out", "--part", "--lora-share"))
+    share = out / "shared-loras"  # LoRAs one process trains and another reuses; fresh for every run
+    shutil.rmtree(share, ignore_errors=True)
+    share.mkdir()
     procs = []
     t0 = time.time()
     for i, group in enumerate(groups):
         part = out / f"part-{i}"
         part.mkdir(exist_ok=True)
+        # shortest sections first: the long ones come last, by when the other process has trained the LoRAs they share
+        # (composition uses the orthogonal section's kavo and tesh)
+        group.sort(key=lambda n: SECTION_SECONDS.get(n, 300))
         cmd = [sys.executable, str(Path(__file__).resolve()), *base, "--sections", ",".join(group), "--out", str(part),
-               "--part", str(part / "report.pkl"), "--jobs", "1"]  # a child never splits again (--jobs defaults to 2)
+               "--part", str(part / "report.pkl"), "--jobs", "1",  # a child never splits again (--jobs defaults to 2)
+               "--lora-share", str(share)]
         log(f"job {i}: {','.join(group)} (about {sum(SECTION_SECONDS.get(n, 300) for n in group) / 60:.0f} min)")
         procs.append(subprocess.Popen(cmd, stdout=open(part / "log.txt", "w"), stderr=subprocess.STDOUT))
     codes = [p.wait() for p in procs]
+    shutil.rmtree(share, ignore_errors=True)
     report, parts = None, {}
     for i in range(len(groups)):
         f = out / f"part-{i}" / "report.pkl"
@@ -1203,6 +1243,7 @@ def main(argv=None) -> int:
                     help="run the sections in so many parallel processes (each --threads threads), merged into one "
                          "report (2: make bench-quality within 30 minutes on 2 cores; 1: one process)")
     ap.add_argument("--part", default=None, help=argparse.SUPPRESS)  # a --jobs child: pickle its sections here
+    ap.add_argument("--lora-share", default=None, help=argparse.SUPPRESS)  # a --jobs child: LoRAs shared between them
     args = ap.parse_args(argv)
     if args.jobs > 1 and len([s for s in args.sections.split(",") if s.strip()]) > 1:
         return run_parallel(args, list(sys.argv[1:] if argv is None else argv))
@@ -1224,7 +1265,7 @@ def main(argv=None) -> int:
                   guidance=args.guidance, seed=args.seed, batch=args.batch, model_ref=model_ref,
                   per_prompt=args.per_prompt, n_compose=args.n_compose, concept_position=args.concept_position,
                   orth_counts=tuple(int(x) for x in args.orth_counts.split(",") if x.strip()))
-    ctx.extra.update(vae=args.vae, vae_n=args.vae_n)
+    ctx.extra.update(vae=args.vae, vae_n=args.vae_n, lora_share=args.lora_share)
     if not ctx.orth_counts or not all(1 <= n <= len(ORTH_SUBJECTS) for n in ctx.orth_counts):
         ap.error(f"--orth-counts: numbers from 1 to {len(ORTH_SUBJECTS)}")
     report = {"model": str(args.model), "judge": args.judge or "assets/judge", "date": time.strftime("%Y-%m-%d %H:%M"),
