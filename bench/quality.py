@@ -1241,7 +1241,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu", help="generation device of the base section (cuda where there is one)")
     ap.add_argument("--jobs", type=int, default=2,
                     help="run the sections in so many parallel processes (each --threads threads), merged into one "
-                         "report (2: make bench-quality within 30 minutes on 2 cores; 1: one process)")
+                         "report (2: make bench-quality in about 30 minutes on 2 cores; 1: one process)")
     ap.add_argument("--part", default=None, help=argparse.SUPPRESS)  # a --jobs child: pickle its sections here
     ap.add_argument("--lora-share", default=None, help=argparse.SUPPRESS)  # a --jobs child: LoRAs shared between them
     args = ap.parse_args(argv)

@@ -80,7 +80,7 @@ Recipes::
     # session 16; 0.635 in session 11): about 3.9 hours. As it ran: the VAE stage taken from the previous toy-xl
     # (--vae-from assets/toy-xl: this command's stage 1 with seed 0, made in sessions 7-8) and the UNet in five
     # sittings across sessions 15-16 (training_info.json, "sittings" and "timing"); bench base at 512 prompts (two
-    # seeds): shape 89.3%, colour 98.6%, style 94.0%, two-object sides 90.6%; regions: boxes 50%, halves 47%,
+    # seeds): shape 89.3%, colour 98.6%, style 93.9%, two-object sides 90.6%; regions: boxes 50%, halves 47%,
     # overlapping 69% (assets/toy-xl/README.md).
     while :; do
         OMP_NUM_THREADS=2 python scripts/pretrain_toy.py --partial-captions 0.5 --max-minutes 60 --out assets/toy-xl
@@ -105,8 +105,8 @@ Recipes::
         cp workspace/pretrain_out/partial/$f.safetensors assets/toy-xl/$f.safetensors; done
 
     # the 17,000-step base of the session-14 toy-xl (sessions 11-12, 2026-11-26): the whole model from scratch on
-    # this machine's CPU, both cores, no GPU, one command (the defaults: --vae-crop --vae-steps 12000 --vae-batch 16 --eval-n 400 --threads 2
-    # --unet-steps 17000 --lr-restart 9000,14000 --batch 32 --lr 1e-3 --n-scenes 40000 --zero-snr). Timed on 2
+    # this machine's CPU, both cores, no GPU, one command (the defaults: --vae-crop --vae-steps 12000 --vae-batch 16
+    # --eval-n 400 --threads 2 --unet-steps 17000 --lr-restart 9000,14000 --batch 32 --lr 1e-3 --n-scenes 40000 --zero-snr). Timed on 2
     # threads: VAE 0.218 s/step (about 44 min + 3 for its pool and round-trip eval), cache 5.3 min, UNet 0.635 s/step
     # (180 min): about 3.9 hours. Sittings of at most 60 minutes, repeated while the exit status is 75; state in
     # workspace/pretrain_toy/toy-xl. assets/toy-xl/training_info.json has the run as it happened (VAE and cache on
