@@ -106,8 +106,8 @@ Recipes::
 
     # the 17,000-step base of the session-14 toy-xl (sessions 11-12, 2026-11-26): the whole model from scratch on
     # this machine's CPU, both cores, no GPU, one command (the defaults: --vae-crop --vae-steps 12000 --vae-batch 16
-    # --eval-n 400 --threads 2 --unet-steps 17000 --lr-restart 9000,14000 --batch 32 --lr 1e-3 --n-scenes 40000 --zero-snr). Timed on 2
-    # threads: VAE 0.218 s/step (about 44 min + 3 for its pool and round-trip eval), cache 5.3 min, UNet 0.635 s/step
+    # --eval-n 400 --threads 2 --unet-steps 17000 --lr-restart 9000,14000 --batch 32 --lr 1e-3 --n-scenes 40000
+    # --zero-snr). Timed on 2 threads: VAE 0.218 s/step (about 44 min + 3 for its pool and round-trip eval), cache 5.3 min, UNet 0.635 s/step
     # (180 min): about 3.9 hours. Sittings of at most 60 minutes, repeated while the exit status is 75; state in
     # workspace/pretrain_toy/toy-xl. assets/toy-xl/training_info.json has the run as it happened (VAE and cache on
     # one thread; the UNet run to 14,000 steps, then extended to 17,000 by its second restart; 293 machine-minutes).
