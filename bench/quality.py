@@ -116,15 +116,27 @@ class Context:
     extra: dict = field(default_factory=dict)
 
 
+def model_sampling(model: str | Path, steps: int | None = None, guidance: float | None = None) -> tuple[int, float]:
+    """Steps and CFG scale of the benchmark's generations: the ones given, else what the model folder's
+    ``studio.json`` asks the studio to use (``generate_defaults``; toy-xl: 20 steps, CFG 4), else 20 and 5.0."""
+    from studio.ui.hints import model_hints
+
+    asked = model_hints(str(model)).get("generate_defaults", {})
+    return (int(steps if steps is not None else asked.get("steps", 20)),
+            float(guidance if guidance is not None else asked.get("guidance", 5.0)))
+
+
 def sweep_context(out, per_prompt: int, threads: int) -> Context:
-    """The context of a bench sweep script (``bench/*_defaults.py``): toy-xl on the CPU, the judge, ``out`` made."""
+    """The context of a bench sweep script (``bench/*_defaults.py``): toy-xl on the CPU at its own steps and CFG scale
+    (``model_sampling``), the judge, ``out`` made."""
     from studio.models import load_pipeline
 
     torch.set_num_threads(threads)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    steps, guidance = model_sampling("toy-xl")
     return Context(pipe=load_pipeline("toy-xl", device="cpu", dtype=torch.float32), judge=Judge.load(), out=out,
-                   per_prompt=per_prompt)
+                   per_prompt=per_prompt, steps=steps, guidance=guidance)
 
 
 class Rate(float):
@@ -1231,8 +1243,10 @@ def main(argv=None) -> int:
     ap.add_argument("--orth-counts", default="2,3,5", help="orthogonal: numbers of subjects merged (at most 5)")
     ap.add_argument("--n", type=int, default=64, help="one-object prompts")
     ap.add_argument("--n-two", type=int, default=16, help="two-object prompts")
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--guidance", type=float, default=5.0)
+    ap.add_argument("--steps", type=int, default=None,
+                    help="denoising steps (default: the model folder's studio.json generate_defaults, else 20)")
+    ap.add_argument("--guidance", type=float, default=None,
+                    help="CFG scale (default: the model folder's studio.json generate_defaults, else 5.0)")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
@@ -1261,8 +1275,9 @@ def main(argv=None) -> int:
 
     model_ref = "toy-xl" if Path(args.model).resolve() == DEFAULT_MODEL.resolve() else str(args.model)
     pipe = load_pipeline(model_ref, device=args.device, dtype=torch.float32)
-    ctx = Context(pipe=pipe, judge=judge, out=out, n=args.n, n_two=args.n_two, steps=args.steps,
-                  guidance=args.guidance, seed=args.seed, batch=args.batch, model_ref=model_ref,
+    steps, guidance = model_sampling(args.model, args.steps, args.guidance)
+    ctx = Context(pipe=pipe, judge=judge, out=out, n=args.n, n_two=args.n_two, steps=steps,
+                  guidance=guidance, seed=args.seed, batch=args.batch, model_ref=model_ref,
                   per_prompt=args.per_prompt, n_compose=args.n_compose, concept_position=args.concept_position,
                   orth_counts=tuple(int(x) for x in args.orth_counts.split(",") if x.strip()))
     ctx.extra.update(vae=args.vae, vae_n=args.vae_n, lora_share=args.lora_share)
