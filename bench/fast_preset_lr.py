@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     from studio.library import Workspace
     from studio.models import load_pipeline
     from studio.ui.actions import method_defaults
-    from studio.ui.hints import model_hints
+    from studio.hints import model_hints
     from trainers.dreambooth import DreamBoothRecipe
     from trainers.loop import train
 

@@ -118,12 +118,11 @@ class Context:
 
 def model_sampling(model: str | Path, steps: int | None = None, guidance: float | None = None) -> tuple[int, float]:
     """Steps and CFG scale of the benchmark's generations: the ones given, else what the model folder's
-    ``studio.json`` asks the studio to use (``generate_defaults``; toy-xl: 20 steps, CFG 4), else 20 and 5.0."""
-    from studio.ui.hints import model_hints
+    ``studio.json`` asks the studio to use (``generate_defaults``; toy-xl: 20 steps, CFG 4), else GenerateConfig's."""
+    from studio.hints import model_sampling as sampling
 
-    asked = model_hints(str(model)).get("generate_defaults", {})
-    return (int(steps if steps is not None else asked.get("steps", 20)),
-            float(guidance if guidance is not None else asked.get("guidance", 5.0)))
+    got = sampling(str(model), steps, guidance)
+    return got["steps"], got["guidance"]
 
 
 def sweep_context(out, per_prompt: int, threads: int) -> Context:
@@ -1244,9 +1243,9 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=64, help="one-object prompts")
     ap.add_argument("--n-two", type=int, default=16, help="two-object prompts")
     ap.add_argument("--steps", type=int, default=None,
-                    help="denoising steps (default: the model folder's studio.json generate_defaults, else 20)")
+                    help="denoising steps (default: the model folder's studio.json generate_defaults)")
     ap.add_argument("--guidance", type=float, default=None,
-                    help="CFG scale (default: the model folder's studio.json generate_defaults, else 5.0)")
+                    help="CFG scale (default: the model folder's studio.json generate_defaults)")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)

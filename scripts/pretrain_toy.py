@@ -80,8 +80,9 @@ Recipes::
     # session 16; 0.635 in session 11): about 3.9 hours. As it ran: the VAE stage taken from the previous toy-xl
     # (--vae-from assets/toy-xl: this command's stage 1 with seed 0, made in sessions 7-8) and the UNet in five
     # sittings across sessions 15-16 (training_info.json, "sittings" and "timing"); bench base at 512 prompts (two
-    # seeds): shape 89.3%, colour 98.6%, style 93.9%, two-object sides 90.6%; regions: boxes 50%, halves 47%,
-    # overlapping 69% (assets/toy-xl/README.md).
+    # seeds, CFG 5): shape 89.3%, colour 98.6%, style 93.9%, two-object sides 90.6% (at the CFG 4 of its studio.json,
+    # session 17: shape 91.6%, two-object sides 93.8%); regions: boxes 50%, halves 47%, overlapping 69%
+    # (assets/toy-xl/README.md).
     while :; do
         OMP_NUM_THREADS=2 python scripts/pretrain_toy.py --partial-captions 0.5 --max-minutes 60 --out assets/toy-xl
         [ $? -eq 75 ] || break

@@ -15,6 +15,7 @@ from pathlib import Path
 from .compat import check_versions
 from .config import GenerateConfig, add_config_args, config_from_args
 from .errors import StudioError
+from .hints import model_sampling
 
 
 def _print_event(event: dict) -> None:
@@ -58,12 +59,17 @@ def cmd_train(args) -> int:
     return 0 if result.status == "succeeded" else 130
 
 
+def generate_config(args) -> GenerateConfig:
+    """The run's GenerateConfig; --steps / --guidance left out take the model folder's (``studio.hints``), as the UI."""
+    return config_from_args(GenerateConfig, args, **model_sampling(args.model, args.steps, args.guidance))
+
+
 def cmd_generate(args) -> int:
     from pipelines.generate import generate, parse_lora_arg
 
     from .models import load_pipeline
 
-    cfg = config_from_args(GenerateConfig, args)
+    cfg = generate_config(args)
     ws = _workspace(args)
     loras = [parse_lora_arg(x, ws) for x in cfg.loras]
     pipe = load_pipeline(cfg.model, device=args.device, config=cfg.model_config or None)
@@ -268,6 +274,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="Generate images, optionally with LoRAs.")
     add_config_args(g, GenerateConfig)
+    g.set_defaults(steps=None, guidance=None)  # left out: the model folder's (studio.json), else GenerateConfig's
     g.add_argument("--lora", dest="loras", action="append", default=None, help="LoRA as NAME_OR_PATH[:WEIGHT]; repeat for several.")
     g.add_argument("--content", default=None, help="B-LoRA content (or joint) as NAME_OR_PATH[:WEIGHT]; [c] in the prompt becomes its token.")
     g.add_argument("--style", default=None, help="B-LoRA style (or joint) as NAME_OR_PATH[:WEIGHT] (default weight 1.21 = "

@@ -215,8 +215,8 @@ def test_picked_rows_are_used():
 def test_model_aware_defaults(tmp_path):
     import json as _json
 
+    from studio.hints import default_resolution, model_hints, output_size
     from studio.ui.actions import PRESETS, method_defaults
-    from studio.ui.hints import default_resolution, model_hints, output_size
 
     toy = method_defaults("dreambooth", "Fast", model="toy-xl")
     assert toy["lr"] == 1e-3 and toy["steps"] == PRESETS["dreambooth"]["Fast"]["steps"]  # bench/fast_preset_lr.py
@@ -239,9 +239,42 @@ def test_model_aware_defaults(tmp_path):
     assert model_hints(str(bad))["examples"] == model_hints("tiny-sd")["examples"]
 
 
+def test_plain_generation_samples_as_the_model_asks():
+    """toy-xl's studio.json asks for 20 steps at CFG 4 (chosen on held-out seeds: assets/toy-xl/README.md, session 17);
+    the UI, the API and `studio generate` all take it where the user gives none; other models keep GenerateConfig's."""
+    from types import SimpleNamespace
+
+    from studio import cli
+    from studio.config import GenerateConfig
+    from studio.hints import model_sampling
+    from studio.ui import actions
+
+    own = {k: GenerateConfig.__dataclass_fields__[k].default for k in ("steps", "guidance")}
+    assert model_sampling("toy-xl") == {"steps": 20, "guidance": 4.0} != own
+    assert model_sampling("tiny-sd") == own
+    assert model_sampling("toy-xl", 7, 2.5) == {"steps": 7, "guidance": 2.5}
+    assert actions.engine_defaults("toy-xl")["merge"] == model_sampling("toy-xl")
+
+    def cli_sampling(*extra):
+        argv = ["generate", "--prompt", "a red star", *extra]
+        cfg = cli.generate_config(cli.build_parser(argv).parse_args(argv))
+        return cfg.steps, cfg.guidance
+
+    assert cli_sampling("--model", "toy-xl") == (20, 4.0)
+    assert cli_sampling() == cli_sampling("--model", "tiny-sd") == (own["steps"], own["guidance"])
+    assert cli_sampling("--model", "toy-xl", "--steps", "9", "--guidance", "6.5") == (9, 6.5)
+
+    submitted = []
+    services = SimpleNamespace(model="toy-xl", ws=None, worker=SimpleNamespace(
+        submit=lambda kind, config: submitted.append((kind, config)) or "job"))
+    actions.submit_generate(services, {"prompt": "a red star"})
+    actions.submit_generate(services, {"prompt": "a red star", "steps": 3, "guidance": 6.5})
+    assert [(c["steps"], c["guidance"]) for _, c in submitted] == [(20, 4.0), (3, 6.5)]
+
+
 def test_toy_examples_use_the_world_vocabulary():
     from studio import toyworld as tw
-    from studio.ui.hints import model_hints
+    from studio.hints import model_hints
 
     words = set(tw.SHAPES) | set(tw.COLOR_NAMES) | set(tw.STYLES) | {"plain", "striped", "dotted", "checkered", "gradient"}
     for e in model_hints("toy-xl")["examples"]:

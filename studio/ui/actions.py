@@ -57,12 +57,9 @@ def engine_defaults(model: str) -> dict[str, dict]:
     """Steps and guidance per engine: a plain generation takes GenerateConfig's (or what the model's folder asks for),
     the regional engines take CompositionSpec's (the papers' 50 steps, CFG 7.5)."""
     from studio.composition import CompositionSpec
-    from studio.config import GenerateConfig
+    from studio.hints import model_sampling
 
-    from .hints import model_hints
-
-    plain = {k: _default(GenerateConfig, k) for k in ("steps", "guidance")}
-    plain.update({k: v for k, v in model_hints(model).get("generate_defaults", {}).items() if k in plain})
+    plain = model_sampling(model)
     paper = {k: _default(CompositionSpec, k) for k in ("steps", "guidance")}
     return {"merge": plain, "composer": paper, "clora": paper}
 
@@ -93,7 +90,7 @@ def all_fields() -> dict[str, tuple[dataclasses.Field, type, set[str]]]:
 
 def method_defaults(method: str, preset: str | None = None, model: str | None = None) -> dict:
     """Config defaults, then the preset, then what the base model's folder asks for (``studio.json``, see hints.py)."""
-    from .hints import preset_values
+    from studio.hints import preset_values
 
     cls = recipes()[method].config_cls
     values = {}
@@ -243,9 +240,10 @@ def _check_lora_items(items, what: str) -> list[dict]:
 
 def submit_generate(services: Services, config: dict) -> str:
     from studio.config import GenerateConfig
+    from studio.hints import model_sampling
 
     _check_dict(config, "the generation settings")
-    config = dict(config)
+    config = {**model_sampling(services.model), **config}  # steps/guidance left out: the model's, as the UI and CLI
     config["loras"] = loras = _check_lora_items(config.get("loras", []), "loras")
     blora = _check_dict(config.get("blora") or {}, "blora")
     unknown = set(blora) - {"content", "style", "block_prompts"}

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import gradio as gr
 
+from studio.hints import model_hints, output_size
+
 from . import actions, regions, widgets
 from .actions import Services
-from .hints import model_hints, output_size
 
 N_ROWS = 4
 N_VISIBLE_ROWS = 2

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import gradio as gr
 
+from studio.hints import model_hints
+
 from . import actions
 from . import widgets as W
 from .actions import Services
-from .hints import model_hints
 
 MAIN_FIELDS = ("trigger", "class_word", "steps", "rank", "lr")
 ADVANCED = ("instance_prompt", "use_captions", "train_text_encoder", "pivotal", "resolution", "random_flip", "center_crop",

@@ -1,4 +1,4 @@
-"""Model-aware defaults: what the loaded base model understands, for placeholders, examples and presets.
+"""Model-aware defaults: what the loaded base model understands, for placeholders, examples, presets and sampling.
 
 A model folder can carry a ``studio.json`` (see ``assets/toy-xl/studio.json``)::
 
@@ -7,13 +7,14 @@ A model folder can carry a ``studio.json`` (see ``assets/toy-xl/studio.json``)::
      "concept_prompt": "a {trigger} emblem",            # composition: each subject's own prompt
      "train_defaults": {"dreambooth": {"class_word": ..., "instance_prompt": ...}, ...},
      "presets": {"dreambooth": {"Fast": {"lr": 1e-3}}, ...},
-     "generate_defaults": {"steps": 20, "guidance": 5.0}}
+     "generate_defaults": {"steps": 20, "guidance": 4.0}}  # plain generations: UI, CLI, bench
 
 Models without one (real SD1.5/SDXL checkpoints, hub ids) get ``GENERIC``: today's photo-style wording.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from functools import lru_cache
@@ -30,6 +31,17 @@ GENERIC = {
     "presets": {},
     "generate_defaults": {},
 }
+
+
+def model_sampling(ref: str, steps: int | None = None, guidance: float | None = None) -> dict:
+    """Steps and guidance of a plain generation: those given, else the model folder's ``generate_defaults``, else
+    ``GenerateConfig``'s. The UI, ``studio generate`` and ``bench/quality.py`` all sample a model this way."""
+    from studio.config import GenerateConfig
+
+    asked = model_hints(ref).get("generate_defaults", {})
+    own = {f.name: f.default for f in dataclasses.fields(GenerateConfig) if f.name in ("steps", "guidance")}
+    return {"steps": int(steps if steps is not None else asked.get("steps", own["steps"])),
+            "guidance": float(guidance if guidance is not None else asked.get("guidance", own["guidance"]))}
 
 
 def model_folder(ref: str) -> Path | None:
