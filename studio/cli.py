@@ -273,8 +273,12 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     t.set_defaults(fn=cmd_train)
 
     g = sub.add_parser("generate", help="Generate images, optionally with LoRAs.")
-    add_config_args(g, GenerateConfig)
-    g.set_defaults(steps=None, guidance=None)  # left out: the model folder's (studio.json), else GenerateConfig's
+    add_config_args(g, GenerateConfig, skip=("steps", "guidance"))
+    own = {k: GenerateConfig.__dataclass_fields__[k].default for k in ("steps", "guidance")}
+    g.add_argument("--steps", type=int, default=None,
+                   help=f"Denoising steps (default: the model folder's studio.json, else {own['steps']}).")
+    g.add_argument("--guidance", type=float, default=None,
+                   help=f"Classifier-free guidance scale (default: the model folder's studio.json, else {own['guidance']}).")
     g.add_argument("--lora", dest="loras", action="append", default=None, help="LoRA as NAME_OR_PATH[:WEIGHT]; repeat for several.")
     g.add_argument("--content", default=None, help="B-LoRA content (or joint) as NAME_OR_PATH[:WEIGHT]; [c] in the prompt becomes its token.")
     g.add_argument("--style", default=None, help="B-LoRA style (or joint) as NAME_OR_PATH[:WEIGHT] (default weight 1.21 = "
