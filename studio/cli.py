@@ -60,7 +60,8 @@ def cmd_train(args) -> int:
 
 
 def generate_config(args) -> GenerateConfig:
-    """The run's GenerateConfig; --steps / --guidance left out take the model folder's (``studio.hints``), as the UI."""
+    """The run's GenerateConfig; --steps / --guidance left out take the model folder's (``studio.hints``), as in the
+    UI."""
     return config_from_args(GenerateConfig, args, **model_sampling(args.model, args.steps, args.guidance))
 
 
@@ -278,7 +279,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int, default=None,
                    help=f"Denoising steps (default: the model folder's studio.json, else {own['steps']}).")
     g.add_argument("--guidance", type=float, default=None,
-                   help=f"Classifier-free guidance scale (default: the model folder's studio.json, else {own['guidance']}).")
+                   help=f"Classifier-free guidance scale (default: the model folder's studio.json, else "
+                        f"{own['guidance']}).")
     g.add_argument("--lora", dest="loras", action="append", default=None, help="LoRA as NAME_OR_PATH[:WEIGHT]; repeat for several.")
     g.add_argument("--content", default=None, help="B-LoRA content (or joint) as NAME_OR_PATH[:WEIGHT]; [c] in the prompt becomes its token.")
     g.add_argument("--style", default=None, help="B-LoRA style (or joint) as NAME_OR_PATH[:WEIGHT] (default weight 1.21 = "
