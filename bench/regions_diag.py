@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 from bench.compose_speed import make_random_lora
-from bench.quality import (LEFT_BOX, REGION_CONTEXT as CONTEXT, RIGHT_BOX, Context, _gen, _rate, compose_images,
-                           model_sampling)
+from bench.quality import LEFT_BOX, RIGHT_BOX, Context, _gen, _rate, compose_images, model_sampling
+from bench.quality import REGION_CONTEXT as CONTEXT
 from studio.judge import Judge
 
 BASE = f"a yellow square on the left and a red hexagon on the right, {CONTEXT}"
