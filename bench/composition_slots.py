@@ -32,11 +32,11 @@ from studio import toyworld as tw  # noqa: E402
 
 def run_pair(pipe, judge, slots: tuple[int, int], engines: list[str], seeds: int) -> dict:
     """Train the pair in its own workspace with the given slots, then the section's prompt, boxes and seeds."""
+    from studio.hints import model_sampling
     from studio.library import Workspace
 
-    steps, guidance = Q.model_sampling("toy-xl")
-    ctx = Q.Context(pipe=pipe, judge=judge, out=Path(tempfile.mkdtemp()), model_ref="toy-xl", steps=steps,
-                    guidance=guidance)
+    ctx = Q.Context(pipe=pipe, judge=judge, out=Path(tempfile.mkdtemp()), model_ref="toy-xl",
+                    **model_sampling("toy-xl"))
     ctx.extra["ws"] = Workspace(tempfile.mkdtemp(prefix="slots-ws-"))
     a, b = Q.COMPOSE_PAIR
     paths = [Q._train(ctx, f"orth-{s}", Q._dataset(ctx.extra["ws"], f"refs-{s}", tw.render_references(s, n=4, seed=0)),

@@ -116,26 +116,17 @@ class Context:
     extra: dict = field(default_factory=dict)
 
 
-def model_sampling(model: str | Path, steps: int | None = None, guidance: float | None = None) -> tuple[int, float]:
-    """Steps and CFG scale of the benchmark's generations: the ones given, else what the model folder's
-    ``studio.json`` asks the studio to use (``generate_defaults``; toy-xl: 20 steps, CFG 4), else GenerateConfig's."""
-    from studio.hints import model_sampling as sampling
-
-    got = sampling(str(model), steps, guidance)
-    return got["steps"], got["guidance"]
-
-
 def sweep_context(out, per_prompt: int, threads: int) -> Context:
     """The context of a bench sweep script (``bench/*_defaults.py``): toy-xl on the CPU at its own steps and CFG scale
-    (``model_sampling``), the judge, ``out`` made."""
+    (``studio.hints.model_sampling``), the judge, ``out`` made."""
+    from studio.hints import model_sampling
     from studio.models import load_pipeline
 
     torch.set_num_threads(threads)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    steps, guidance = model_sampling("toy-xl")
     return Context(pipe=load_pipeline("toy-xl", device="cpu", dtype=torch.float32), judge=Judge.load(), out=out,
-                   per_prompt=per_prompt, steps=steps, guidance=guidance)
+                   per_prompt=per_prompt, **model_sampling("toy-xl"))
 
 
 class Rate(float):
@@ -171,7 +162,8 @@ def section_base(ctx: Context) -> dict:
     prompts = [tw.caption(s) for s in scenes + two]
     seeds = [ctx.seed * 1000 + i for i in range(len(prompts))]
     t0 = time.time()
-    images = generate(ctx.pipe, prompts, seeds, ctx.steps, ctx.guidance, ctx.batch)
+    images = generate(ctx.pipe, prompts, seeds, ctx.steps, ctx.guidance, ctx.batch,
+                      **ctx.extra.get("base_kwargs", {}))  # e.g. guidance_rescale (bench/base_sampling.py)
     gen_s = time.time() - t0
     preds = ctx.judge.predict(images)
     ref_preds = ctx.judge.predict([tw.render(s) for s in scenes + two])
@@ -1270,14 +1262,15 @@ def main(argv=None) -> int:
             ap.error(f"unknown section {name!r}; known: {', '.join(SECTIONS)}")
     if args.train_steps:
         DB_STEPS = BLORA_STEPS = args.train_steps
+    from studio.hints import model_sampling
     from studio.models import load_pipeline
 
     model_ref = "toy-xl" if Path(args.model).resolve() == DEFAULT_MODEL.resolve() else str(args.model)
     pipe = load_pipeline(model_ref, device=args.device, dtype=torch.float32)
-    steps, guidance = model_sampling(args.model, args.steps, args.guidance)
-    ctx = Context(pipe=pipe, judge=judge, out=out, n=args.n, n_two=args.n_two, steps=steps,
-                  guidance=guidance, seed=args.seed, batch=args.batch, model_ref=model_ref,
-                  per_prompt=args.per_prompt, n_compose=args.n_compose, concept_position=args.concept_position,
+    ctx = Context(pipe=pipe, judge=judge, out=out, n=args.n, n_two=args.n_two,
+                  **model_sampling(args.model, args.steps, args.guidance), seed=args.seed, batch=args.batch,
+                  model_ref=model_ref, per_prompt=args.per_prompt, n_compose=args.n_compose,
+                  concept_position=args.concept_position,
                   orth_counts=tuple(int(x) for x in args.orth_counts.split(",") if x.strip()))
     ctx.extra.update(vae=args.vae, vae_n=args.vae_n, lora_share=args.lora_share)
     if not ctx.orth_counts or not all(1 <= n <= len(ORTH_SUBJECTS) for n in ctx.orth_counts):

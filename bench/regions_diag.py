@@ -25,8 +25,9 @@ from pathlib import Path
 import torch
 
 from bench.compose_speed import make_random_lora
-from bench.quality import LEFT_BOX, RIGHT_BOX, Context, _gen, _rate, compose_images, model_sampling
+from bench.quality import LEFT_BOX, RIGHT_BOX, Context, _gen, _rate, compose_images
 from bench.quality import REGION_CONTEXT as CONTEXT
+from studio.hints import model_sampling
 from studio.judge import Judge
 
 BASE = f"a yellow square on the left and a red hexagon on the right, {CONTEXT}"
@@ -58,9 +59,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(a.threads)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    steps, guidance = model_sampling(a.model)
     ctx = Context(pipe=load_pipeline(a.model, device="cpu", dtype=torch.float32), judge=Judge.load(), out=out,
-                  steps=steps, guidance=guidance)
+                  **model_sampling(a.model))
     parts = {} if a.all_parts else {"composer": {"self_attn_isolation": False, "latent_reinit": False, "loss_guidance": False}}
     loras = [make_random_lora(ctx.pipe, out / f"weight0-{i}.safetensors", i) for i in range(2)]  # at weight 0: nothing
     result = {"model": a.model, "n": a.n, "all_parts": a.all_parts, "rows": {}}

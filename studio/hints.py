@@ -38,8 +38,11 @@ def model_sampling(ref: str, steps: int | None = None, guidance: float | None = 
     ``GenerateConfig``'s. The UI, ``studio generate`` and ``bench/quality.py`` all sample a model this way."""
     from studio.config import GenerateConfig
 
-    asked = model_hints(ref).get("generate_defaults", {})
     own = {f.name: f.default for f in dataclasses.fields(GenerateConfig) if f.name in ("steps", "guidance")}
+    asked = {}
+    for key, value in model_hints(ref).get("generate_defaults", {}).items():
+        if key in own and isinstance(value, (int, float)) and not isinstance(value, bool):
+            asked[key] = value  # a value of the wrong type is ignored, as a broken studio.json is
     return {"steps": int(steps if steps is not None else asked.get("steps", own["steps"])),
             "guidance": float(guidance if guidance is not None else asked.get("guidance", own["guidance"]))}
 

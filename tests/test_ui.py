@@ -239,7 +239,7 @@ def test_model_aware_defaults(tmp_path):
     assert model_hints(str(bad))["examples"] == model_hints("tiny-sd")["examples"]
 
 
-def test_plain_generation_samples_as_the_model_asks():
+def test_plain_generation_samples_as_the_model_asks(tmp_path):
     """toy-xl's studio.json asks for 20 steps at CFG 4 (chosen on held-out seeds: assets/toy-xl/README.md, session 17);
     the UI, the API and `studio generate` all take it where the user gives none; other models keep GenerateConfig's."""
     from types import SimpleNamespace
@@ -254,6 +254,10 @@ def test_plain_generation_samples_as_the_model_asks():
     assert model_sampling("tiny-sd") == own
     assert model_sampling("toy-xl", 7, 2.5) == {"steps": 7, "guidance": 2.5}
     assert actions.engine_defaults("toy-xl")["merge"] == model_sampling("toy-xl")
+    odd = tmp_path / "odd-model"  # a studio.json with a wrong-typed value: that value is ignored, the other kept
+    odd.mkdir()
+    (odd / "studio.json").write_text('{"generate_defaults": {"steps": "many", "guidance": 3.0}}')
+    assert model_sampling(str(odd)) == {"steps": own["steps"], "guidance": 3.0}
 
     def cli_sampling(*extra):
         argv = ["generate", "--prompt", "a red star", *extra]
