@@ -45,17 +45,26 @@ if str(ROOT) not in sys.path:
 
 import quality as Q  # noqa: E402  (bench/quality.py: the toy world's judge, training and generation helpers)
 
-SETTINGS = [  # rows, components, strength, reference, keep ("": the LoRA's trigger): DecorSpec's fields
-    ("all-but-bos", "1", 1.0, "null", ""),  # the previous default (the paper's rows)
-    ("words", "1", 1.0, "null", ""),  # the default this script chose
-    ("words+eos", "1", 1.0, "null", ""),
-    ("all-but-bos", "1", 0.5, "null", ""),
+SETTINGS = [  # rows, components, strength, reference, keep ("triggers": the LoRA's trigger): GenerateConfig's decor_*
+    ("all-but-bos", "1", 1.0, "null", "triggers"),  # the previous default (the paper's rows)
+    ("words", "1", 1.0, "null", "triggers"),  # the default this script chose in session 10 (until session 17)
+    ("words+eos", "1", 1.0, "null", "triggers"),
+    ("all-but-bos", "1", 0.5, "null", "triggers"),
     ("all-but-bos", "1", 1.0, "null", "none"),
     ("words", "1", 1.0, "null", "none"),
     ("all-but-bos", "auto", 1.0, "none", "none"),  # the literal formula: every row, 90% of the energy, nothing kept
     ("all-but-bos", "auto", 1.0, "null", "none"),
     ("all-but-bos", "auto", 0.5, "null", "none"),
     ("words", "auto", 1.0, "null", "none"),
+    # session 18: the paper's own basis (reference "none": the removed text's rows themselves, whose top direction is
+    # the padding axis every prompt shares, which the TL;DR says DECOR suppresses), one or two components
+    ("all-but-bos", "1", 1.0, "none", "triggers"),
+    ("all-but-bos", "1", 1.0, "none", "none"),  # the default since session 18
+    ("all-but-bos", "1", 0.5, "none", "triggers"),
+    ("words+eos", "1", 1.0, "none", "triggers"),
+    ("all-but-bos", "2", 1.0, "none", "triggers"),
+    ("words", "1", 1.0, "none", "triggers"),
+    ("all-but-bos", "1", 0.5, "none", "none"),
 ]
 
 
@@ -87,17 +96,19 @@ def main(argv=None) -> int:
                     help="style, content: DreamBooth LoRAs trained with pivotal tuning (the trigger's embedding trains too)")
     ap.add_argument("--text-encoder", action="store_true",
                     help="style, content: DreamBooth LoRAs with LoRA layers in the text encoders too (train_text_encoder)")
+    ap.add_argument("--seed", type=int, default=1234, help="the bench's seed: LoRA training and generation seeds")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     ctx = Q.sweep_context(args.out, args.per_prompt, args.threads)
+    ctx.seed = args.seed
     out = ctx.out
     only = {int(x) for x in args.settings.split(",") if x.strip()}
     grid = [g for i, g in enumerate(SETTINGS) if not only or i in only]
     subjects = [s.strip() for s in args.subjects.split(",") if s.strip()]
     t0 = time.time()
     flags: dict[str, dict[str, list[bool]]] = {}  # condition label -> column -> one flag per image, subjects in order
-    if args.leak == "background":
-        subjects = [Q.DECOR_SUBJECT]
+    if args.leak == "background" and not any(a.startswith("--subjects") for a in (argv or sys.argv[1:])):
+        subjects = [Q.DECOR_SUBJECT]  # the section's LoRA; --subjects trains the same leaking LoRA for others
     bgc = Q.DECOR_BG[1]
     lora_over = {**({"pivotal": True} if args.pivotal else {}),
                  **({"train_text_encoder": True} if args.text_encoder else {})}
@@ -106,7 +117,7 @@ def main(argv=None) -> int:
                                  else f"{Q.DECOR_STYLE} style")
         phrases = (("leaked", leaked),) + (() if args.no_unrelated else Q.DECOR_UNRELATED)
         if args.leak == "background":
-            conds, prompts, scenes, *_ = Q._decor_bg_setup(ctx, grid)
+            conds, prompts, scenes, *_ = Q._decor_bg_setup(ctx, grid, s)
             conds = [c for c in conds if c[0] != "base model (no LoRA)"]
         elif args.leak == "content":
             conds, prompts, scenes, _ = Q._decor_content_setup(ctx, s, grid, phrases, **lora_over)
@@ -121,8 +132,9 @@ def main(argv=None) -> int:
                 for p in preds[j * args.per_prompt:(j + 1) * args.per_prompt]:
                     # content: the subject on the left, judged by the left head (the shape head reads one-object images)
                     col["subject"].append(p["left_shape" if args.leak == "content" else "shape"] == s)
-                    if args.leak == "background":  # the purple leaks on this base, the checker does not
-                        col["leak"].append(p["bg_color"] == bgc)
+                    if args.leak == "background":  # the checker leaks on toy-xl at CFG 4 (53%), the purple hardly (9%)
+                        col["leak"].append(p["background"] == Q.DECOR_BG[0])
+                        col.setdefault("leak colour", []).append(p["bg_color"] == bgc)
                         col["prompt style"].append(p["background"] == sc.background and p["bg_color"] == sc.bg_color)
                     elif args.leak == "content":  # the star beside the subject; the prompt asks for nothing there
                         col["leak"].append(p["right_shape"] == Q.DECOR_COMPANION)
@@ -142,7 +154,7 @@ def main(argv=None) -> int:
         rows.append(r)
     for r in rows:
         print(" | ".join(str(v) for v in r.values()))
-    report = {"date": time.strftime("%Y-%m-%d %H:%M"), "leak": args.leak, "pivotal": args.pivotal,
+    report = {"date": time.strftime("%Y-%m-%d %H:%M"), "leak": args.leak, "seed": args.seed, "pivotal": args.pivotal,
               "text_encoder": args.text_encoder, "subjects": subjects, "per_prompt": args.per_prompt,
               "images_per_condition": len(off["subject"]), "seconds": round(time.time() - t0, 1), "rows": rows}
     print("columns: condition | subject | leak | prompt " + {"background": "background", "content": "(nothing on the right)"}.get(args.leak, "style")

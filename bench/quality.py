@@ -514,10 +514,10 @@ DECOR_STEPS = 1500  # 7.5x the other method sections' LoRAs, on near-identical r
 # states are arbitrary there), one in it (an object the prompts never name)
 DECOR_UNRELATED = (("unrelated (out of vocabulary)", "a photo of a cat sleeping on a sofa"),
                    ("unrelated (in vocabulary)", "a small red star on the left"))
-DECOR_DEFAULT = ("words", "1", 1.0, "null", "")  # rows, k, α, reference, keep ("": the LoRA's trigger, kavo)
-DECOR_PREVIOUS = ("all-but-bos", "1", 1.0, "null", "")  # the default until bench/decor_defaults.py measured it
-DECOR_GRID = [("all-but-bos", "1", 1.0, "null", "none"),  # the default before that: nothing protected
-              DECOR_PREVIOUS, DECOR_DEFAULT]
+# rows, k, α, reference, keep (GenerateConfig.decor_*; keep "triggers": the LoRA's trigger, kavo; "none": nothing)
+DECOR_DEFAULT = ("all-but-bos", "1", 1.0, "none", "none")  # since session 18: the paper's basis, one component
+DECOR_PREVIOUS = ("words", "1", 1.0, "null", "triggers")  # sessions 10-17 (it never lowered a leak)
+DECOR_GRID = [DECOR_DEFAULT, DECOR_PREVIOUS]
 
 
 DECOR_STYLE = "flat"  # the style of every DreamBooth reference (studio.toyworld.reference_scenes)
@@ -525,7 +525,7 @@ DECOR_STYLE_GRID = [DECOR_DEFAULT, DECOR_PREVIOUS]
 
 
 def _decor_label(what: str, rows: str, k: str, a: float, ref: str, keep: str, prefix: str = "") -> str:
-    return f"{prefix}remove {what}: rows={rows} k={k} α={a:g} reference={ref} keep={keep or 'trigger'}"
+    return f"{prefix}remove {what}: rows={rows} k={k} α={a:g} reference={ref} keep={keep or 'none'}"
 
 
 def _decor_conds(path: Path, phrases, grid, prefix: str = "") -> list:
@@ -633,31 +633,30 @@ def _decor_rows(ctx: "Context", prompts: list, scenes: list, conds: list, judge_
     return grid
 
 
-def _decor_bg_setup(ctx: "Context", grid=None) -> tuple[list, list, list, list, str, int]:
+def _decor_bg_setup(ctx: "Context", grid=None, s: str = DECOR_SUBJECT) -> tuple[list, list, list, list, str, int]:
     """The background-leak part of the DECOR section: a LoRA trained to leak its references' background, one prompt
-    per other background. Returns (conditions, prompts, scenes, reference images, leaked phrase, training steps)."""
+    per other background (subject ``s``: the section's kavo, or another for ``bench/decor_defaults.py``). Returns (conditions, prompts, scenes, reference images, leaked phrase, training steps)."""
     import random as _random
 
     ws = _workspace(ctx)
     bg, bgc = DECOR_BG
     # one reference scene rendered 4 times (only the render seed differs): uniform references, which leak most
-    first = tw.reference_scenes(DECOR_SUBJECT, 1, seed=0)[0].with_(background=bg, bg_color=bgc)
+    first = tw.reference_scenes(s, 1, seed=0)[0].with_(background=bg, bg_color=bgc)
     refs = [tw.render(first.with_(seed=first.seed + i)) for i in range(4)]
-    ds = _dataset(ws, f"decor-{DECOR_SUBJECT}", [(im, None) for im in refs])
+    ds = _dataset(ws, f"decor-{s}", [(im, None) for im in refs])
     # no captions: the training prompt names only the subject, so its references' background leaks into the LoRA
     steps = max(DB_STEPS, DECOR_STEPS)
-    path = _train(ctx, f"decor-{DECOR_SUBJECT}", ds, "dreambooth", use_captions=False, trigger=DECOR_SUBJECT,
-                  instance_prompt=f"a {DECOR_SUBJECT} emblem", steps=steps)
+    path = _train(ctx, f"decor-{s}", ds, "dreambooth", use_captions=False, trigger=s, instance_prompt=f"a {s} emblem",
+                  steps=steps)
     leaked = f"on a {bgc} {tw._BG_WORDS[bg]} background"
-    rng = _random.Random(f"decor-{ctx.seed}")
+    rng = _random.Random(f"decor-{ctx.seed}" + ("" if s == DECOR_SUBJECT else f"-{s}"))
     scenes = []
     for b in [x for x in tw.BACKGROUNDS if x != bg]:
-        c = tw._pick(rng, tw.COLOR_NAMES, exclude=(bgc, tw.SUBJECTS[DECOR_SUBJECT]["primary"], tw.SUBJECTS[DECOR_SUBJECT]["secondary"]))
-        scenes.append(tw.Scene((tw.Obj(DECOR_SUBJECT, tw.SUBJECTS[DECOR_SUBJECT]["primary"], "large", "center"),), b, c, "flat",
-                               rng.randrange(2**31)))
+        c = tw._pick(rng, tw.COLOR_NAMES, exclude=(bgc, tw.SUBJECTS[s]["primary"], tw.SUBJECTS[s]["secondary"]))
+        scenes.append(tw.Scene((tw.Obj(s, tw.SUBJECTS[s]["primary"], "large", "center"),), b, c, "flat", rng.randrange(2**31)))
     conds = [("base model (no LoRA)", [], None), ("LoRA, DECOR off", [_ref(path)], None)]
     conds += _decor_conds(path, (("leaked", leaked), *DECOR_UNRELATED), grid or DECOR_GRID)
-    return conds, [tw.caption(s) for s in scenes], scenes, refs, leaked, steps
+    return conds, [tw.caption(sc) for sc in scenes], scenes, refs, leaked, steps
 
 
 def section_decor(ctx: Context) -> dict:

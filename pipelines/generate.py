@@ -210,11 +210,13 @@ def _stop_callback(stop: threading.Event | None, progress=None, total: int = 0):
 
 
 def decor_keep(cfg: GenerateConfig, loras: list[LoraRef]) -> str:
-    """The words DECOR protects: ``cfg.decor_keep``, or when empty the trigger phrases of the LoRAs in use ("none":
-    nothing)."""
+    """The words DECOR protects: ``cfg.decor_keep``; nothing when it is empty or "none" (the default, measured:
+    studio/decor.py); the trigger phrases of the LoRAs in use when it is "triggers"."""
     keep = cfg.decor_keep.strip()
-    if keep:
-        return "" if keep.lower() == "none" else keep
+    if keep.lower() in ("", "none"):
+        return ""
+    if keep.lower() != "triggers":
+        return keep
     triggers = [lora_io.read_header(ref.path)[1].get("modelspec.trigger_phrase", "").strip() for ref in loras]
     return " ".join(t for t in triggers if t)
 

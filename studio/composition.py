@@ -189,7 +189,7 @@ class CompositionSpec:
 
     def decor(self):
         """The DecorSpec of this composition, or None when DECOR is off. It protects the concepts' trigger words
-        (``DecorSpec.keep``), as generation protects the triggers of its LoRAs."""
+        (``DecorSpec.keep``), whose rows steer the regional engines (generation protects nothing by default)."""
         if not (self.decor_remove or "").strip():
             return None
         from .decor import DecorSpec

@@ -24,56 +24,41 @@ the projection formula above, X~ being the embedding matrix of the undesired tex
 X = [X_w; X_PAD] (word-token rows plus the padding rows up to l = 77, i.e. the encoder *output*), inference-only use,
 and that alpha controls the projection degree. Everything below is a documented choice, exposed as a parameter:
 
-* Rows (``DecorSpec.rows``, default ``"words"``; our deviation, measured): the same row set selects the rows of X~ that
-  build the basis and the rows of X that are projected. ``"all-but-bos"`` (words, EOS and padding) is the closest
-  reading of the paper's X = [X_w; X_PAD]; ``"words"`` and ``"words+eos"`` are narrower. ``"words"`` is the default
-  because it costs the subject least (see "How the defaults were chosen"): the EOS and padding rows summarise the
-  whole prompt, so projecting them moves what every word of the prompt asked for. The BOS row (index 0) never drives
-  the basis and is never altered, whatever the choice: in CLIP it is identical for every prompt (causal attention) and
-  has a very large norm, so it would dominate the SVD and projecting it would damage every prompt. This deviates from a
-  literal X~ that included BOS, if the paper did (its X = [X_w; X_PAD] suggests it did not).
-* Reference (``DecorSpec.reference``, default ``"null"``; our deviation): the basis is built from X~ - X~_null, the
-  removed text's rows minus the empty prompt's rows at the same positions, i.e. from what the text *adds*. CLIP's
-  rows share large directions that every prompt has (the padding rows most of all); built from X~ itself, the top
-  directions are those, and projecting them out damages any prompt whatever the text removed. ``"none"`` is the
-  literal formula.
+* Defaults (session 18, measured; ``bench/decor_defaults.py``, bench/README.md "DECOR defaults, session 18"): the
+  paper's own basis with one component: rows ``"all-but-bos"``, reference ``"none"``, k = 1, alpha = 1, nothing kept.
+  Its top direction is the padding axis of the removed text's rows, the "dominant axes linked to PAD tokens" a
+  summary of the paper says DECOR suppresses. On LoRAs trained as the paper's DreamBooth ones are (one short prompt, "a kavo emblem",
+  uniform references) removing the leaked phrase lowered the leaked background by 14.1 [5.5, 22.6] points (64 paired
+  images) and 13.3 [7.0, 19.5] (128, a second draw, two subjects), where the previous default changed nothing; the
+  subject fidelity cost of removing an unrelated phrase, pooled over 736 paired images of 13 LoRAs of three kinds, is
+  2.9 / 3.9 points (out of / in the toy encoders' vocabulary; goal at most 5; the previous default 1.5 / 0.1), up to
+  10.9 points on a pair of LoRAs. Removing an unrelated phrase lowers the leak too, by about half as much: the projection damps the
+  channel the LoRA overfit on more than it targets the phrase. Neither setting lowers a leak the prompt's words
+  carry themselves (the style of captioned references: -2.8 points; an uncaptioned companion object: +1.0).
+* Rows (``DecorSpec.rows``): the same row set selects the rows of X~ that build the basis and the rows of X that are
+  projected. ``"all-but-bos"`` (words, EOS and padding) is the paper's X = [X_w; X_PAD]; ``"words"`` and
+  ``"words+eos"`` are narrower (``"words"`` was the default of sessions 10-17: it costs the subject least but never
+  lowered a leak). The BOS row (index 0) never drives the basis and is never altered, whatever the choice: in CLIP it
+  is identical for every prompt (causal attention) and has a very large norm, so it would dominate the SVD and
+  projecting it would damage every prompt. This deviates from a literal X~ that included BOS, if the paper did (its
+  X = [X_w; X_PAD] suggests it did not).
+* Reference (``DecorSpec.reference``): ``"none"`` is the literal formula (X~ itself). ``"null"`` (our extension, the
+  default of sessions 9-17) builds the basis from X~ - X~_null, the removed text's rows minus the empty prompt's rows
+  at the same positions, i.e. from what the text *adds*, so the directions every prompt shares are spared.
 * Number of components (``DecorSpec.components``, default 1): an integer k, or ``"auto"`` = the smallest k whose
   top-k singular values hold at least ``AUTO_ENERGY`` = 90 % of the squared singular-value energy of the selected rows
   (``"auto:0.99"`` picks another threshold). k larger than the numerical rank of those rows is an error. The paper has
-  an "impact of components" analysis whose numbers were not available.
+  an "impact of components" analysis whose numbers were not available; ``"auto"`` with the literal basis cost 44
+  points of subject on the toy (session 15).
 * Strength (``DecorSpec.strength``, default 1.0): the abstract describes projecting "onto a vector space orthogonal to
-  undesired token vectors", which is alpha = 1; lower values keep part of the undesired component. The paper's alpha
-  grid and default were not available.
-* Keep (``DecorSpec.keep``, default empty; ``GenerateConfig.decor_keep`` empty = the trigger phrases of the LoRAs in
-  use; our extension, not from the paper): per prompt, the basis is made orthogonal to the prompt's rows of the kept
-  words (:func:`protect`), so the subject's trigger rows pass unchanged and only directions they do not use are
-  removed. Without it, removing *any* phrase moved the trigger rows and cost subject fidelity.
-* How the defaults were chosen: ``bench/quality.py --sections decor`` (toy-xl, a 1500-step LoRA of one subject on
-  uniform purple-checker references, 4 new-background prompts x 16 images; bench/README.md, DECOR, has the table and
-  the screening of the other candidates). With the previous default (no keep) removing the unrelated
-  "a photo of a cat sleeping on a sofa" cost 56.2% -> 34.4% of subject fidelity. Of the candidates screened on one
-  trained LoRA (centring the basis on the prompt's or generic prompts' mean rows, a words-only basis, sparing the
-  trigger's rows from the projection, removing generic or prompt directions from the basis, protecting all prompt
-  words), protecting the subject's rows kept the leaked phrase's removal and lost the least subject on unrelated
-  phrases. Default (keep = the trigger "kavo"): removing the leaked phrase,
-  checker leakage 7.8% -> 0.0%, subject 56.2% -> 62.5%; removing "a photo of a cat sleeping on a sofa" (out of the toy
-  encoders' vocabulary) or "a small red star on the left" (in it) costs 56.2% -> 50.0% each: 6.2 points, so the goal
-  (at most 5) is **not met**, by one image of 64 and within noise (previous default: 21.9 points out of vocabulary).
-  The toy model reacts strongly to any change of its conditioning, so real models may differ. Re-measured on
-  toy-xl at 7,000 steps with ``bench/decor_defaults.py`` (five subjects' DreamBooth LoRAs, all references flat style,
-  prompts asking for the four other styles, 160 images per setting, each paired with its seed's image without DECOR):
-  rows ``"words"`` (now the default) costs +3.1 [-0.9, +7.2] points of subject fidelity removing the out-of-vocabulary
-  phrase and -1.2 [-3.7, +1.2] removing the in-vocabulary one, where ``"all-but-bos"`` (the previous default) costs
-  0.0 and -8.8 [-14.3, -3.2]. Removing the leaked "flat style" (or "flat") changes the flat leak (11.2% with DECOR off)
-  by -0.6 / -1.2 points with ``"words"`` (no measurable change) and *raises* it by +5.6 / +6.2 with ``"all-but-bos"``:
-  the EOS and padding rows carry the prompt's own "hatched style", which shares the "style" direction, so projecting
-  them weakens the style the prompt asks for. No setting tried lowers this leak: it lives in the UNet LoRA's response
-  to the trigger's rows, which no text direction of "flat style" removes (with pivotal-tuned LoRAs too: -1.6 points
-  at best, 128 paired images; with text-encoder LoRA layers: +1.2 with ``"words"``, +7.5 with ``"all-but-bos"``).
-  On the bench's background LoRA (64 paired images) ``"words"`` halves the purple leak removing the leaked phrase
-  (20.3% -> 10.9%), but removing an unrelated phrase lowers it as much. Pooled over the six LoRAs, ``"words"`` costs
-  +3.6 / -3.6 points of subject fidelity (out of / in vocabulary; the previous default -0.4 / -10.3): within the
-  issue's 5 points.
+  undesired token vectors", which is alpha = 1; lower values keep part of the undesired component (alpha 0.5 halved
+  the leak's reduction on the toy, to within noise). The paper's alpha grid and default were not available.
+* Keep (``DecorSpec.keep``, default empty = nothing; ``GenerateConfig.decor_keep`` ``"triggers"`` = the trigger phrases
+  of the LoRAs in use; our extension, not from the paper): per prompt, the basis is made orthogonal to the prompt's
+  rows of the kept words (:func:`protect`), so those rows pass unchanged and only directions they do not use are
+  removed. It was generate's default in sessions 9-17 (it spares the subject, but it also spares the leak, which a
+  DreamBooth LoRA binds to its trigger's rows); compositions still protect their concepts' tokens, whose rows steer
+  the regional engines. The toy model reacts strongly to any change of its conditioning, so real models may differ.
 * SDXL (``per_encoder``, default True): SDXL's prompt embedding is the concatenation of CLIP-L (768) and OpenCLIP bigG
   (1280) penultimate hidden states. With ``per_encoder`` each encoder's column block gets its own basis from its own
   columns of X~ (the two encoders live in unrelated spaces); otherwise one basis over the full 2048 width. Unverified
@@ -115,9 +100,9 @@ _ROWS_KINDS = {
     "words+eos": (KIND_WORD, KIND_EOS),
     "all-but-bos": (KIND_WORD, KIND_EOS, KIND_PAD),
 }
-DEFAULT_ROWS = "words"
+DEFAULT_ROWS = "all-but-bos"
 REFERENCE_CHOICES = ("null", "none")
-DEFAULT_REFERENCE = "null"
+DEFAULT_REFERENCE = "none"
 DEFAULT_COMPONENTS = 1
 AUTO_ENERGY = 0.9
 DEFAULT_STRENGTH = 1.0
@@ -217,7 +202,8 @@ class DecorSpec:
         default="",
         metadata={
             "help": "Words of the prompt to protect, e.g. a LoRA's trigger: the removed directions are made orthogonal "
-            "to those words' rows of the prompt embedding, so they pass unchanged. Empty: nothing protected."
+            "to those words' rows of the prompt embedding, so they pass unchanged. Empty (the default): nothing "
+            "protected."
         },
     )
 

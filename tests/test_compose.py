@@ -577,7 +577,7 @@ def test_decor_in_regional_engines(xl, engine):
 
 
 def test_composition_decor_protects_the_concept_triggers():
-    """DECOR in a composition keeps the concepts' trigger rows (DecorSpec.keep), as generate keeps its LoRAs'."""
+    """DECOR in a composition keeps the concepts' trigger rows (DecorSpec.keep): they steer the regional engines."""
     from studio.composition import CompositionSpec, ConceptEntry
 
     s = CompositionSpec(prompt="a zwx dog and a qxv cat", decor_remove="grass",

@@ -17,13 +17,16 @@ def _img(pipe, **kw):
 def test_decor_changes_image_is_deterministic_and_alpha0_is_exact(fixture, request):
     pipe = request.getfixturevalue(fixture)
     plain = _img(pipe)
-    kw = dict(decor_remove="blue striped background", decor_rows="all-but-bos")  # every row but BOS projected
+    # every row but BOS projected, from what the text adds to the empty prompt
+    kw = dict(decor_remove="blue striped background", decor_rows="all-but-bos", decor_reference="null")
     with_decor = _img(pipe, decor_strength=1.0, **kw)
     again = _img(pipe, decor_strength=1.0, **kw)
     zero = _img(pipe, decor_strength=0.0, **kw)
     assert np.abs(with_decor - plain).mean() > 0.5
-    default = _img(pipe, decor_remove="blue striped background")  # the default: the word rows only, a smaller change
-    assert np.abs(default - plain).mean() > 0.1
+    default = _img(pipe, decor_remove="blue striped background")  # the default: the paper's basis, one component
+    assert np.abs(default - plain).mean() > 0.5
+    words = _img(pipe, decor_remove="blue striped background", decor_rows="words", decor_reference="null")
+    assert np.abs(words - plain).mean() > 0.1  # the word rows only: a smaller change
     assert np.array_equal(with_decor, again)
     assert np.array_equal(zero, plain)
 
@@ -32,7 +35,7 @@ def test_decor_recorded_in_png(tiny_sd, ws):
     res = generate(tiny_sd, GenerateConfig(prompt="a cat", seed=1, steps=2, decor_remove="grass", decor_strength=0.5), [], ws)
     assert read_png_params(res.paths[0])["decor"] == {"remove": "grass", "strength": 0.5, "components": "1",
                                                       "rows": GenerateConfig.__dataclass_fields__["decor_rows"].default, "keep": "",
-                                                      "reference": "null"}
+                                                      "reference": GenerateConfig.__dataclass_fields__["decor_reference"].default}
 
 
 @pytest.mark.parametrize("kw, needle", [
@@ -75,12 +78,11 @@ def test_null_reference_builds_the_basis_from_what_the_text_adds(fixture, reques
     emb = encode_for_decor(pipe, prompt)
     kinds = tokenize_for_decor(pipe.tokenizer, [prompt], max_length=emb.embeds.shape[1])[1]
     kw = dict(prompt_token_mask=kinds, remove_token_mask=removed.kinds, encoder_widths=removed.encoder_widths)
-    spec = DecorSpec(remove="blue striped background", components=2)
-    assert spec.reference == "null"  # the default: measured in bench/README.md (DECOR)
+    spec = DecorSpec(remove="blue striped background", components=2, reference="null")
     with_null, _ = apply_decor_with_pipeline(pipe, spec, [prompt], emb.embeds)
     by_hand, _ = apply_decor(emb.embeds, removed.embeds - null.embeds, spec, **kw)
     assert torch.allclose(with_null, by_hand, atol=1e-5)
-    plain, _ = apply_decor_with_pipeline(pipe, DecorSpec(remove="blue striped background", components=2, reference="none"),
+    plain, _ = apply_decor_with_pipeline(pipe, DecorSpec(remove="blue striped background", components=2),  # "none"
                                          [prompt], emb.embeds)
     assert torch.allclose(plain, apply_decor(emb.embeds, removed.embeds, spec, **kw)[0], atol=1e-5)
     assert not torch.allclose(plain, with_null, atol=1e-4)
@@ -89,16 +91,16 @@ def test_null_reference_builds_the_basis_from_what_the_text_adds(fixture, reques
 
 
 def test_decor_defaults_agree_across_configs():
-    """The measured defaults (bench/README.md, DECOR; bench/decor_defaults.py): rows words, k = 1, alpha = 1,
-    reference null, the same in DecorSpec, GenerateConfig (CLI, UI) and CompositionSpec."""
+    """The measured defaults (bench/README.md, DECOR; bench/decor_defaults.py): rows all-but-bos, k = 1, alpha = 1,
+    reference none, nothing kept, the same in DecorSpec, GenerateConfig (CLI, UI) and CompositionSpec."""
     from studio import decor
     from studio.composition import CompositionSpec
 
     spec = decor.DecorSpec(remove="x")
-    assert (spec.rows, spec.components, spec.strength, spec.reference, spec.keep) == ("words", 1, 1.0, "null", "")
+    assert (spec.rows, spec.components, spec.strength, spec.reference, spec.keep) == ("all-but-bos", 1, 1.0, "none", "")
     g = GenerateConfig.__dataclass_fields__
     assert g["decor_rows"].default == spec.rows and g["decor_reference"].default == spec.reference
-    assert g["decor_keep"].default == spec.keep  # empty: generate protects the LoRAs' trigger phrases
+    assert g["decor_keep"].default == spec.keep  # empty: nothing protected ("triggers": the LoRAs' trigger phrases)
     assert decor.DecorSpec(remove="x", components=g["decor_components"].default).components == spec.components
     assert g["decor_strength"].default == spec.strength
     c = CompositionSpec(prompt="p", concepts=[{"lora": "a"}], decor_remove="x").decor()
@@ -107,7 +109,7 @@ def test_decor_defaults_agree_across_configs():
 
 @pytest.mark.parametrize("fixture", ["tiny_sd", "tiny_sdxl"])
 def test_keep_protects_the_kept_words_rows_only(fixture, request):
-    """``keep`` (DecorSpec; generate defaults it to the LoRAs' triggers): the kept words' rows of the prompt pass
+    """``keep`` (DecorSpec; generate's ``decor_keep="triggers"``: the LoRAs' triggers): the kept words' rows of the prompt pass
     unchanged, the other rows are still projected, and the rows of a word not kept change as without ``keep``."""
     import torch
 
@@ -136,8 +138,9 @@ def test_keep_protects_the_kept_words_rows_only(fixture, request):
     assert protect(rows[:2].T / rows[:2].norm(dim=1), rows).shape[1] == 0
 
 
-def test_generate_keeps_the_lora_trigger_by_default(tiny_sd, tmp_path):
-    """``decor_keep`` empty: the trigger phrases of the LoRAs in use (from their metadata); 'none': nothing."""
+def test_generate_keeps_the_lora_triggers_on_request(tiny_sd, tmp_path):
+    """``decor_keep`` "triggers": the trigger phrases of the LoRAs in use (from their metadata); empty (the default) or
+    'none': nothing; other text: those words."""
     from pipelines.generate import LoraRef, decor_keep
     from studio.lora_io import atomic_save_safetensors
 
@@ -146,7 +149,8 @@ def test_generate_keeps_the_lora_trigger_by_default(tiny_sd, tmp_path):
     lora = tmp_path / "t.safetensors"
     atomic_save_safetensors(lora, {"x.lora_A.weight": torch.zeros(1, 1)}, {"modelspec.trigger_phrase": "kavo"})
     refs = [LoraRef(lora, 1.0, "t")]
-    assert decor_keep(GenerateConfig(prompt="p", decor_remove="x"), refs) == "kavo"
+    assert decor_keep(GenerateConfig(prompt="p", decor_remove="x", decor_keep="triggers"), refs) == "kavo"
+    assert decor_keep(GenerateConfig(prompt="p", decor_remove="x"), refs) == ""
     assert decor_keep(GenerateConfig(prompt="p", decor_remove="x", decor_keep="none"), refs) == ""
     assert decor_keep(GenerateConfig(prompt="p", decor_remove="x", decor_keep="star"), refs) == "star"
-    assert decor_keep(GenerateConfig(prompt="p", decor_remove="x"), []) == ""
+    assert decor_keep(GenerateConfig(prompt="p", decor_remove="x", decor_keep="triggers"), []) == ""
