@@ -635,7 +635,8 @@ def _decor_rows(ctx: "Context", prompts: list, scenes: list, conds: list, judge_
 
 def _decor_bg_setup(ctx: "Context", grid=None, s: str = DECOR_SUBJECT) -> tuple[list, list, list, list, str, int]:
     """The background-leak part of the DECOR section: a LoRA trained to leak its references' background, one prompt
-    per other background (subject ``s``: the section's kavo, or another for ``bench/decor_defaults.py``). Returns (conditions, prompts, scenes, reference images, leaked phrase, training steps)."""
+    per other background (subject ``s``: the section's kavo, or another for ``bench/decor_defaults.py``).
+    Returns (conditions, prompts, scenes, reference images, leaked phrase, training steps)."""
     import random as _random
 
     ws = _workspace(ctx)
@@ -653,7 +654,8 @@ def _decor_bg_setup(ctx: "Context", grid=None, s: str = DECOR_SUBJECT) -> tuple[
     scenes = []
     for b in [x for x in tw.BACKGROUNDS if x != bg]:
         c = tw._pick(rng, tw.COLOR_NAMES, exclude=(bgc, tw.SUBJECTS[s]["primary"], tw.SUBJECTS[s]["secondary"]))
-        scenes.append(tw.Scene((tw.Obj(s, tw.SUBJECTS[s]["primary"], "large", "center"),), b, c, "flat", rng.randrange(2**31)))
+        scenes.append(tw.Scene((tw.Obj(s, tw.SUBJECTS[s]["primary"], "large", "center"),), b, c, "flat",
+                               rng.randrange(2**31)))
     conds = [("base model (no LoRA)", [], None), ("LoRA, DECOR off", [_ref(path)], None)]
     conds += _decor_conds(path, (("leaked", leaked), *DECOR_UNRELATED), grid or DECOR_GRID)
     return conds, [tw.caption(sc) for sc in scenes], scenes, refs, leaked, steps

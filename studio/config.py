@@ -160,15 +160,15 @@ class GenerateConfig:
     decor_remove: str = _f("", "DECOR: text whose meaning is projected out of the prompt embeddings (empty: off).")
     decor_strength: float = _f(1.0, "DECOR strength alpha in [0, 1].")
     decor_components: str = _f("1", "DECOR: number of components k, or 'auto' (90% of the removed text's energy).")
-    decor_rows: str = _f("all-but-bos", "DECOR: token rows of the removed text that build its directions (and rows of the "
-                                        "prompt that are projected).", choices=["words", "words+eos", "all-but-bos"],
-                         advanced=True)
-    decor_reference: str = _f("none", "DECOR: 'none' builds the directions from the removed text's embedding as is (the "
-                                      "paper); 'null' from what it adds to the empty prompt (spares what every prompt "
-                                      "shares).",
+    decor_rows: str = _f("all-but-bos", "DECOR: token rows of the removed text that build its directions (and rows of "
+                                        "the prompt that are projected).",
+                         choices=["words", "words+eos", "all-but-bos"], advanced=True)
+    decor_reference: str = _f("none", "DECOR: 'none' builds the directions from the removed text's embedding as is "
+                                      "(the paper); 'null' from what it adds to the empty prompt (spares what every "
+                                      "prompt shares).",
                               choices=["null", "none"], advanced=True)
-    decor_keep: str = _f("", "DECOR: words of the prompt whose rows are protected from the projection; empty or 'none': "
-                             "nothing; 'triggers': the trigger phrases of the LoRAs in use.", advanced=True)
+    decor_keep: str = _f("", "DECOR: words of the prompt whose rows are protected from the projection; empty or "
+                             "'none': nothing; 'triggers': the trigger phrases of the LoRAs in use.", advanced=True)
     fuse_loras: bool = _f(True, "Fuse the weighted LoRAs into the model weights for the run (no per-step LoRA cost; "
                                 "the exact weights are restored afterwards).", advanced=True)
 

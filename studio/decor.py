@@ -24,17 +24,20 @@ the projection formula above, X~ being the embedding matrix of the undesired tex
 X = [X_w; X_PAD] (word-token rows plus the padding rows up to l = 77, i.e. the encoder *output*), inference-only use,
 and that alpha controls the projection degree. Everything below is a documented choice, exposed as a parameter:
 
-* Defaults (session 18, measured; ``bench/decor_defaults.py``, bench/README.md "DECOR defaults, session 18"): the
-  paper's own basis with one component: rows ``"all-but-bos"``, reference ``"none"``, k = 1, alpha = 1, nothing kept.
-  Its top direction is the padding axis of the removed text's rows, the "dominant axes linked to PAD tokens" a
-  summary of the paper says DECOR suppresses. On LoRAs trained as the paper's DreamBooth ones are (one short prompt, "a kavo emblem",
-  uniform references) removing the leaked phrase lowered the leaked background by 14.1 [5.5, 22.6] points (64 paired
-  images) and 13.3 [7.0, 19.5] (128, a second draw, two subjects), where the previous default changed nothing; the
-  subject fidelity cost of removing an unrelated phrase, pooled over 736 paired images of 13 LoRAs of three kinds, is
-  2.9 / 3.9 points (out of / in the toy encoders' vocabulary; goal at most 5; the previous default 1.5 / 0.1), up to
-  10.9 points on a pair of LoRAs. Removing an unrelated phrase lowers the leak too, by about half as much: the projection damps the
-  channel the LoRA overfit on more than it targets the phrase. Neither setting lowers a leak the prompt's words
-  carry themselves (the style of captioned references: -2.8 points; an uncaptioned companion object: +1.0).
+* Defaults (session 18, measured with ``bench/decor_defaults.py``; bench/README.md, "DECOR's default is now the
+  paper's basis"): the paper's own basis with one component: rows ``"all-but-bos"``, reference ``"none"``, k = 1,
+  alpha = 1, nothing kept. Its top direction is the padding axis of the removed text's rows, the "dominant axes linked
+  to PAD tokens" that a summary of the paper says DECOR suppresses. On LoRAs trained as the paper's DreamBooth ones
+  are (one short prompt, "a kavo emblem", uniform references) removing the leaked phrase lowered the leaked
+  background by 14.1 [5.5, 22.6] points (64 paired images) and 13.3 [7.0, 19.5] (128, a second draw, two subjects),
+  where the previous default changed nothing. The subject fidelity cost of removing an unrelated phrase, pooled over
+  736 paired images of 13 LoRAs of three kinds, is 2.9 / 3.9 points (out of / in the toy encoders' vocabulary; goal
+  at most 5; the previous default 1.5 / 0.1), up to 10.9 points on one pair of LoRAs. Removing an unrelated phrase
+  lowers the leak too, by about half as much: the projection damps the channel the LoRA overfit on more than it
+  targets the phrase. Leaks of LoRAs trained on full captions move little (the flat style of captioned
+  references: -2.8 points from 4.7%; an uncaptioned companion object: +1.0 from 94%). This answers the worry that the
+  padding axis removes what every prompt shares: with k = 1 the cost is measured and small; ``"auto"`` (90% of the
+  energy) was the setting that cost 44 points (session 15).
 * Rows (``DecorSpec.rows``): the same row set selects the rows of X~ that build the basis and the rows of X that are
   projected. ``"all-but-bos"`` (words, EOS and padding) is the paper's X = [X_w; X_PAD]; ``"words"`` and
   ``"words+eos"`` are narrower (``"words"`` was the default of sessions 10-17: it costs the subject least but never
@@ -56,9 +59,10 @@ and that alpha controls the projection degree. Everything below is a documented 
 * Keep (``DecorSpec.keep``, default empty = nothing; ``GenerateConfig.decor_keep`` ``"triggers"`` = the trigger phrases
   of the LoRAs in use; our extension, not from the paper): per prompt, the basis is made orthogonal to the prompt's
   rows of the kept words (:func:`protect`), so those rows pass unchanged and only directions they do not use are
-  removed. It was generate's default in sessions 9-17 (it spares the subject, but it also spares the leak, which a
-  DreamBooth LoRA binds to its trigger's rows); compositions still protect their concepts' tokens, whose rows steer
-  the regional engines. The toy model reacts strongly to any change of its conditioning, so real models may differ.
+  removed. It was generate's default in sessions 9-17; with the paper's basis it halves the leak's reduction (-6.2
+  points with the trigger kept, -14.1 without, same LoRA and seeds). Compositions still protect their concepts'
+  tokens, whose rows steer the regional engines. The toy model reacts strongly to any change of its conditioning, so
+  real models may differ.
 * SDXL (``per_encoder``, default True): SDXL's prompt embedding is the concatenation of CLIP-L (768) and OpenCLIP bigG
   (1280) penultimate hidden states. With ``per_encoder`` each encoder's column block gets its own basis from its own
   columns of X~ (the two encoders live in unrelated spaces); otherwise one basis over the full 2048 width. Unverified

@@ -35,7 +35,8 @@ def test_decor_recorded_in_png(tiny_sd, ws):
     res = generate(tiny_sd, GenerateConfig(prompt="a cat", seed=1, steps=2, decor_remove="grass", decor_strength=0.5), [], ws)
     assert read_png_params(res.paths[0])["decor"] == {"remove": "grass", "strength": 0.5, "components": "1",
                                                       "rows": GenerateConfig.__dataclass_fields__["decor_rows"].default, "keep": "",
-                                                      "reference": GenerateConfig.__dataclass_fields__["decor_reference"].default}
+                                                      "reference": GenerateConfig.__dataclass_fields__[
+                                                          "decor_reference"].default}
 
 
 @pytest.mark.parametrize("kw, needle", [
@@ -97,7 +98,8 @@ def test_decor_defaults_agree_across_configs():
     from studio.composition import CompositionSpec
 
     spec = decor.DecorSpec(remove="x")
-    assert (spec.rows, spec.components, spec.strength, spec.reference, spec.keep) == ("all-but-bos", 1, 1.0, "none", "")
+    assert (spec.rows, spec.components, spec.strength, spec.reference, spec.keep) == (
+        "all-but-bos", 1, 1.0, "none", "")
     g = GenerateConfig.__dataclass_fields__
     assert g["decor_rows"].default == spec.rows and g["decor_reference"].default == spec.reference
     assert g["decor_keep"].default == spec.keep  # empty: nothing protected ("triggers": the LoRAs' trigger phrases)
@@ -109,7 +111,8 @@ def test_decor_defaults_agree_across_configs():
 
 @pytest.mark.parametrize("fixture", ["tiny_sd", "tiny_sdxl"])
 def test_keep_protects_the_kept_words_rows_only(fixture, request):
-    """``keep`` (DecorSpec; generate's ``decor_keep="triggers"``: the LoRAs' triggers): the kept words' rows of the prompt pass
+    """``keep`` (DecorSpec; generate's ``decor_keep="triggers"``: the LoRAs' triggers): the kept words' rows of the
+    prompt pass
     unchanged, the other rows are still projected, and the rows of a word not kept change as without ``keep``."""
     import torch
 
