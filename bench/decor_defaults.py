@@ -82,7 +82,8 @@ def paired(base: list[bool], new: list[bool]) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
-    ap.add_argument("--subjects", default="kavo,tesh,morl,quib,zeph")
+    ap.add_argument("--subjects", default="", help="comma-separated (default: kavo,tesh,morl,quib,zeph; background: "
+                                                 "kavo, the section's LoRA)")
     ap.add_argument("--per-prompt", type=int, default=16, help="images per prompt (4 prompts a subject)")
     ap.add_argument("--settings", default="", help="comma-separated row numbers of SETTINGS (default: all)")
     ap.add_argument("--leak", choices=("style", "background", "content"), default="style",
@@ -90,7 +91,8 @@ def main(argv=None) -> int:
                          "section's LoRA trained to leak its references' purple checker (kavo only); content: LoRAs "
                          "whose references all show an uncaptioned star beside the subject (one per subject)")
     ap.add_argument("--leaked", default="", help="the leaked phrase DECOR removes (default: style: 'flat style'; "
-                                                 "content: the star's phrase, e.g. 'a red star on the right')")
+                                                 "content: the star's phrase, e.g. 'a red star on the right'; "
+                                                 "background: 'on a purple checkered background')")
     ap.add_argument("--no-unrelated", action="store_true", help="only the leaked phrase, not the unrelated ones")
     ap.add_argument("--pivotal", action="store_true",
                     help="style, content: DreamBooth LoRAs trained with pivotal tuning (the trigger's embedding trains too)")
@@ -104,20 +106,19 @@ def main(argv=None) -> int:
     out = ctx.out
     only = {int(x) for x in args.settings.split(",") if x.strip()}
     grid = [g for i, g in enumerate(SETTINGS) if not only or i in only]
-    subjects = [s.strip() for s in args.subjects.split(",") if s.strip()]
+    default = Q.DECOR_SUBJECT if args.leak == "background" else "kavo,tesh,morl,quib,zeph"
+    subjects = [s.strip() for s in (args.subjects or default).split(",") if s.strip()]
     t0 = time.time()
     flags: dict[str, dict[str, list[bool]]] = {}  # condition label -> column -> one flag per image, subjects in order
-    if args.leak == "background" and not any(a.startswith("--subjects") for a in (argv or sys.argv[1:])):
-        subjects = [Q.DECOR_SUBJECT]  # the section's LoRA; --subjects trains the same leaking LoRA for others
     bgc = Q.DECOR_BG[1]
     lora_over = {**({"pivotal": True} if args.pivotal else {}),
                  **({"train_text_encoder": True} if args.text_encoder else {})}
     for s in subjects:
-        leaked = args.leaked or (Q.tw.object_phrase(Q.decor_companion(s)) if args.leak == "content"
-                                 else f"{Q.DECOR_STYLE} style")
+        leaked = args.leaked or {"content": Q.tw.object_phrase(Q.decor_companion(s)), "background": Q.DECOR_BG_PHRASE,
+                                 "style": f"{Q.DECOR_STYLE} style"}[args.leak]
         phrases = (("leaked", leaked),) + (() if args.no_unrelated else Q.DECOR_UNRELATED)
         if args.leak == "background":
-            conds, prompts, scenes, *_ = Q._decor_bg_setup(ctx, grid, s)
+            conds, prompts, scenes, *_ = Q._decor_bg_setup(ctx, grid, s, phrases)
             conds = [c for c in conds if c[0] != "base model (no LoRA)"]
         elif args.leak == "content":
             conds, prompts, scenes, _ = Q._decor_content_setup(ctx, s, grid, phrases, **lora_over)

@@ -509,6 +509,7 @@ def section_orthogonal(ctx: Context) -> dict:
 
 DECOR_SUBJECT = "kavo"
 DECOR_BG = ("checker", "purple")
+DECOR_BG_PHRASE = f"on a {DECOR_BG[1]} {tw._BG_WORDS[DECOR_BG[0]]} background"  # what the background LoRA leaks
 DECOR_STEPS = 1500  # 7.5x the other method sections' LoRAs, on near-identical references: so that something leaks
 # phrases about nothing in the prompts or the references: one out of the toy text encoders' vocabulary (their hidden
 # states are arbitrary there), one in it (an object the prompts never name)
@@ -521,7 +522,6 @@ DECOR_GRID = [DECOR_DEFAULT, DECOR_PREVIOUS]
 
 
 DECOR_STYLE = "flat"  # the style of every DreamBooth reference (studio.toyworld.reference_scenes)
-DECOR_STYLE_GRID = [DECOR_DEFAULT, DECOR_PREVIOUS]
 
 
 def _decor_label(what: str, rows: str, k: str, a: float, ref: str, keep: str, prefix: str = "") -> str:
@@ -553,7 +553,7 @@ def _decor_style_setup(ctx: "Context", s: str = DECOR_SUBJECT, grid=None, phrase
                                c, st, rng.randrange(2**31)))
     conds = [("style leak: LoRA, DECOR off", [_ref(path)], None)]
     conds += _decor_conds(path, phrases or (("leaked", f"{DECOR_STYLE} style"), *DECOR_UNRELATED),
-                          grid or DECOR_STYLE_GRID, "style leak: ")
+                          grid or DECOR_GRID, "style leak: ")
     return conds, [tw.caption(sc) for sc in scenes], scenes
 
 
@@ -605,7 +605,7 @@ def _decor_content_setup(ctx: "Context", s: str = DECOR_SUBJECT, grid=None, phra
         c = tw._pick(rng, tw.COLOR_NAMES, exclude=(comp.color, *own))
         scenes.append(tw.Scene((me,), b, c, "flat", rng.randrange(2**31)))
     conds = [("LoRA, DECOR off", [_ref(path)], None)]
-    conds += _decor_conds(path, phrases or (("leaked", leaked), *DECOR_UNRELATED), grid or DECOR_STYLE_GRID)
+    conds += _decor_conds(path, phrases or (("leaked", leaked), *DECOR_UNRELATED), grid or DECOR_GRID)
     return conds, [tw.caption(sc) for sc in scenes], scenes, leaked
 
 
@@ -633,7 +633,8 @@ def _decor_rows(ctx: "Context", prompts: list, scenes: list, conds: list, judge_
     return grid
 
 
-def _decor_bg_setup(ctx: "Context", grid=None, s: str = DECOR_SUBJECT) -> tuple[list, list, list, list, str, int]:
+def _decor_bg_setup(ctx: "Context", grid=None, s: str = DECOR_SUBJECT,
+                    phrases=None) -> tuple[list, list, list, list, str, int]:
     """The background-leak part of the DECOR section: a LoRA trained to leak its references' background, one prompt
     per other background (subject ``s``: the section's kavo, or another for ``bench/decor_defaults.py``).
     Returns (conditions, prompts, scenes, reference images, leaked phrase, training steps)."""
@@ -649,7 +650,7 @@ def _decor_bg_setup(ctx: "Context", grid=None, s: str = DECOR_SUBJECT) -> tuple[
     steps = max(DB_STEPS, DECOR_STEPS)
     path = _train(ctx, f"decor-{s}", ds, "dreambooth", use_captions=False, trigger=s, instance_prompt=f"a {s} emblem",
                   steps=steps)
-    leaked = f"on a {bgc} {tw._BG_WORDS[bg]} background"
+    leaked = DECOR_BG_PHRASE
     rng = _random.Random(f"decor-{ctx.seed}" + ("" if s == DECOR_SUBJECT else f"-{s}"))
     scenes = []
     for b in [x for x in tw.BACKGROUNDS if x != bg]:
@@ -657,7 +658,7 @@ def _decor_bg_setup(ctx: "Context", grid=None, s: str = DECOR_SUBJECT) -> tuple[
         scenes.append(tw.Scene((tw.Obj(s, tw.SUBJECTS[s]["primary"], "large", "center"),), b, c, "flat",
                                rng.randrange(2**31)))
     conds = [("base model (no LoRA)", [], None), ("LoRA, DECOR off", [_ref(path)], None)]
-    conds += _decor_conds(path, (("leaked", leaked), *DECOR_UNRELATED), grid or DECOR_GRID)
+    conds += _decor_conds(path, phrases or (("leaked", leaked), *DECOR_UNRELATED), grid or DECOR_GRID)
     return conds, [tw.caption(sc) for sc in scenes], scenes, refs, leaked, steps
 
 
